@@ -1,0 +1,150 @@
+"""Metrics logging: always a local `metrics.jsonl`, optionally wandb, and a PNG of the curves.
+
+wandb runs offline unless `WANDB_MODE` says otherwise; the run id is kept in the
+run directory so a resumed job continues the same wandb run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | os.PathLike, cfg: DictConfig | None = None, *, backend: str = "none",
+                 project: str = "vlr-cyclic", name: str | None = None, group: str | None = None,
+                 mode: str = "offline", tags: list[str] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._wandb = None
+        self.run_id: str | None = None
+        if backend == "wandb":
+            self._init_wandb(cfg, project, name, group, mode, tags)
+        elif backend not in ("none", None):
+            raise ValueError(f"unknown logger backend '{backend}' (use wandb or none)")
+
+    def _init_wandb(self, cfg, project, name, group, mode, tags):
+        import wandb  # imported lazily: slow, and optional at run time
+
+        id_file = self.run_dir / "wandb_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if cfg is not None else None
+        self._wandb = wandb.init(project=project, name=name, group=group, id=run_id, resume="allow",
+                                 dir=str(self.run_dir), config=config, tags=tags,
+                                 mode=os.environ.get("WANDB_MODE", mode))
+        self.run_id = run_id
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        row = {"step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            row[k] = _scalar(v)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=int(step))
+
+    def warn(self, code: str, message: str, step: int) -> None:
+        """A training-health warning: console, metrics.jsonl and wandb."""
+        log.warning("[%s] %s", code, message)
+        self._file.write(json.dumps({"step": int(step), "time": time.time(), "warning": code,
+                                     "message": message}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"warnings/{code}": 1}, step=int(step))
+
+    def log_images(self, key: str, image, step: int, caption: str | None = None) -> None:
+        """`image`: HxWx3 uint8 array, also written as PNG in the run directory."""
+        from PIL import Image
+
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        Image.fromarray(image).save(out / f"{key.replace('/', '_')}_{step:07d}.png")
+        if self._wandb is not None:
+            import wandb
+            self._wandb.log({key: wandb.Image(image, caption=caption)}, step=int(step))
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        if self._wandb is not None:
+            for k, v in metrics.items():
+                self._wandb.summary[k] = _scalar(v)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            try:
+                plot_metrics(self.path, self.run_dir / "curves.png")
+            except Exception as e:  # a plot must never lose a finished run
+                log.warning("could not plot curves: %s", e)
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _scalar(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN; keep it visible
+    return v
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: int = 12) -> Path | None:
+    """One panel per logged numeric key (losses, PSNR, verification), against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in read_metrics(jsonl):
+        for k, v in row.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                series[k].append((row["step"], float(v)))
+    keys = [k for k in sorted(series) if len(series[k]) > 1 and not k.startswith("lr")][:max_panels]
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        steps, vals = zip(*series[k])
+        ax.plot(steps, vals, lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)
+
+
+def build_logger(cfg: DictConfig, run_dir: str | os.PathLike, stage: str) -> MetricsLogger:
+    lc = cfg.logger
+    return MetricsLogger(run_dir, cfg, backend=lc.backend, project=lc.get("project", "vlr-cyclic"),
+                         name=f"res{cfg.res}/{stage}", group=lc.get("group") or cfg.name,
+                         mode=lc.get("mode", "offline"), tags=[f"res{cfg.res}", stage])

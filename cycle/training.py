@@ -1,0 +1,380 @@
+"""The one training loop every stage uses.
+
+It owns what stages share: device and AMP, gradient accumulation and clipping, a
+per-optimizer-step LR schedule with warm-up, EMA, periodic atomic checkpoints and
+auto-resume from `<run dir>/checkpoints/last.pt`, a NaN guard that keeps the last
+good checkpoint, preemption (save, then hand the signal to submitit to requeue),
+progress bars and metric logging. Stages supply `step_fn` and `validate_fn`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cycle.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- device / AMP
+def resolve_device(spec: str = "auto") -> torch.device:
+    spec = str(spec)
+    if spec == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("device=auto resolved to %s", dev)
+        return dev
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec} was requested but CUDA is not available on this machine "
+                           f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). "
+                           "Use device=cpu or device=auto, or install a CUDA build of torch.")
+    return torch.device(spec)
+
+
+def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """bf16 where supported, fp16 otherwise on CUDA; off on CPU unless forced."""
+    amp = str(amp)
+    if amp in ("off", "false", "False", "none", "None"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp != "auto":
+        raise ValueError(f"trainer.amp must be auto|bf16|fp16|off, got {amp}")
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a module's floating-point state (params and buffers)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.module = module
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))  # warm-up
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach(), 1.0 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Temporarily load the EMA weights into the module (validation, export)."""
+        backup = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.shadow)
+        try:
+            yield self.module
+        finally:
+            self.module.load_state_dict(backup)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+
+# ---------------------------------------------------------------- schedule
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_factor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to `min_factor`, stepped per optimizer step."""
+    total_steps = max(1, int(total_steps))
+    warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- preemption
+class PreemptionGuard:
+    """Turns SIGUSR1/SIGUSR2/SIGTERM into a flag checked at step boundaries.
+
+    The loop saves its checkpoint first, then calls the handler that was installed
+    before (submitit's, which requeues the job) or exits.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None),
+                                signal.SIGTERM) if s is not None)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        try:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def _handler(self, signum, frame):
+        log.warning("received signal %d: will checkpoint at the next step", signum)
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+    def forward_signal(self) -> None:
+        signum = self.received
+        prev = self._previous.get(signum)
+        self.__exit__()
+        if callable(prev):
+            prev(signum, None)  # submitit: checkpoint() -> requeue
+        raise SystemExit(f"stopped by signal {signum} after saving the checkpoint; re-run to resume")
+
+
+# ---------------------------------------------------------------- loop
+@dataclass
+class FitResult:
+    best: dict[str, float]
+    last: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    step: int = 0
+
+
+class Trainer:
+    """Trains `modules` with `optimizer` for `epochs` over a loader; resumable."""
+
+    def __init__(self, *, tcfg: Mapping, run_dir: str | Path, logger, device: torch.device,
+                 modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, epochs: int,
+                 steps_per_epoch: int, tag: str = "main", ema: EMA | None = None,
+                 warmup_steps: int | None = None, resume: bool = True, health=None):
+        self.t = tcfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.logger = logger
+        self.device = device
+        self.modules = modules
+        self.optimizer = optimizer
+        self.epochs = int(epochs)
+        self.accum = max(1, int(tcfg.get("grad_accum", 1)))
+        limit = tcfg.get("limit_train_batches")
+        self.batches_per_epoch = int(steps_per_epoch) if not limit else min(int(steps_per_epoch), int(limit))
+        self.steps_per_epoch = max(1, self.batches_per_epoch // self.accum)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if warmup_steps is None:
+            warmup_steps = int(tcfg.get("warmup_frac", 0.05) * self.total_steps)
+        self.scheduler = warmup_cosine(optimizer, self.total_steps, warmup_steps)
+        self.ema = ema
+        self.tag = tag
+        self.dtype = amp_dtype(device, tcfg.get("amp", "auto"))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.grad_clip = float(tcfg.get("grad_clip", 0) or 0)
+        self.health = health
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {}
+        self.resumed = False
+        if resume:
+            self._try_resume()
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "vlr-train-state", "tag": self.tag, "step": self.step, "epoch": self.epoch,
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+            "rng": rng_state(), "history": self.history, "best": self.best,
+            "logger_run_id": getattr(self.logger, "run_id", None),
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        return save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+
+    def _try_resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("tag") != self.tag:
+            return  # belongs to another phase of this stage
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.history, self.best = list(state["history"]), dict(state["best"])
+        self.resumed = True
+        log.info("resumed %s from %s at step %d (epoch %d)", self.tag, path, self.step, self.epoch)
+
+    def done_marker(self) -> Path:
+        return self.ckpt_dir / f"{self.tag}.done.pt"
+
+    # -------------------------------------------------------------- loop
+    def fit(self, loader, step_fn: Callable[[dict], tuple[torch.Tensor, dict]],
+            validate_fn: Callable[[int], dict[str, float]] | None = None, *, select: str | None = None,
+            mode: str = "max", set_epoch: Callable[[int], None] | None = None) -> FitResult:
+        """Run the remaining epochs. `select` names the validation metric that picks
+        `checkpoints/<tag>.best.pt` (EMA weights when EMA is on)."""
+        done = self.done_marker()
+        if done.is_file():  # this phase finished earlier: restore its final weights
+            state = load_checkpoint(done, map_location=self.device)
+            for k, m in self.modules.items():
+                m.load_state_dict(state["modules"][k])
+            log.info("%s already finished (%s): skipping", self.tag, done)
+            return FitResult(best=state["best"], last=state["last"], history=state["history"],
+                             step=state["step"])
+        sign = 1.0 if mode == "max" else -1.0
+        last: dict[str, float] = self.history[-1] if self.history else {}
+        log_every = int(self.t.get("log_every", 10))
+        ckpt_every = int(self.t.get("ckpt_every", 200))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.tag, dynamic_ncols=True,
+                   disable=not self.t.get("progress", True), mininterval=2.0)
+        with PreemptionGuard() as guard:
+            while self.epoch < self.epochs:
+                for m in self.modules.values():
+                    m.train()
+                if set_epoch is not None:
+                    set_epoch(self.epoch)
+                skip = (self.step - self.epoch * self.steps_per_epoch) * self.accum  # mid-epoch resume
+                sums: dict[str, float] = {}
+                count = 0
+                t0 = time.time()
+                self.optimizer.zero_grad(set_to_none=True)
+                for i, batch in enumerate(loader):
+                    if i >= self.steps_per_epoch * self.accum:
+                        break
+                    if i < skip:
+                        continue
+                    terms = self._micro_step(batch, step_fn, last_micro=(i + 1) % self.accum == 0)
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    if (i + 1) % self.accum:
+                        continue
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % log_every == 0:
+                        row = {f"train/{k}": v / count for k, v in sums.items()}
+                        row["lr"] = self.optimizer.param_groups[0]["lr"]
+                        self.logger.log(row, self.step)
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(row.items())[:4]})
+                    if guard.received is not None:
+                        self.save()
+                        bar.close()
+                        guard.forward_signal()
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        self.save()
+                epoch_row = {f"train/{k}": v / max(1, count) for k, v in sums.items()}
+                epoch_row["epoch"] = self.epoch + 1
+                epoch_row["time/epoch_s"] = time.time() - t0
+                if validate_fn is not None and ((self.epoch + 1) % int(self.t.get("val_every", 1)) == 0
+                                                or self.epoch + 1 == self.epochs):
+                    for m in self.modules.values():
+                        m.eval()
+                    with self._ema_applied():
+                        val = validate_fn(self.epoch)
+                    epoch_row.update(val)
+                    better = select in val and (select not in self.best
+                                                or sign * val[select] > sign * self.best[select])
+                    if select and better:
+                        self.best = dict(epoch_row)
+                        self._save_weights(f"{self.tag}.best.pt")
+                self.epoch += 1
+                self.history.append(epoch_row)
+                last = epoch_row
+                self.logger.log(epoch_row, self.step)
+                if self.health is not None:
+                    for code, msg in self.health.check_epoch(self.history):
+                        self.logger.warn(code, msg, self.step)
+                self.save()
+        bar.close()
+        if not self.best:
+            self.best = dict(last)
+            self._save_weights(f"{self.tag}.best.pt")
+        # the done marker holds the raw final weights (what the modules hold now); best.pt holds EMA
+        self._save_weights(done.name, ema=False, extra={"best": self.best, "last": last,
+                                                        "history": self.history, "step": self.step})
+        return FitResult(best=self.best, last=last, history=self.history, step=self.step)
+
+    def _micro_step(self, batch, step_fn, last_micro: bool) -> dict[str, float]:
+        try:
+            with autocast(self.device, self.dtype):
+                loss, terms = step_fn(batch)
+            if not torch.isfinite(loss.detach()).all():
+                bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["loss"]
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {self.step} (terms: {', '.join(bad)}); training stopped. "
+                    f"The last good checkpoint is {self.ckpt_dir / 'last.pt'} (resume re-runs from it). "
+                    "Try a lower learning rate, trainer.amp=off, or a smaller weight for that term.")
+            self.scaler.scale(loss / self.accum).backward()
+            if last_micro:
+                if self.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"CUDA out of memory at trainer.batch_size={self.t.get('batch_size')}. Lower trainer.batch_size "
+                "(and raise trainer.grad_accum to keep the effective batch), or use trainer.amp=auto.") from e
+        out = {"loss": float(loss.detach())}
+        out.update({k: float(v) for k, v in terms.items() if k != "loss"})
+        return out
+
+    def _ema_applied(self):
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _save_weights(self, name: str, extra: dict | None = None, ema: bool = True) -> Path:
+        with self._ema_applied() if ema else contextlib.nullcontext():
+            state = {"modules": {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()}}
+        state.update(extra or {})
+        return save_checkpoint(state, self.ckpt_dir / name)
+
+    def load_best(self) -> dict[str, float]:
+        """Load the selected weights into the modules (what the stage publishes)."""
+        state = load_checkpoint(self.ckpt_dir / f"{self.tag}.best.pt", map_location=self.device)
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        return self.best
