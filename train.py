@@ -22,7 +22,6 @@ import cycle.config  # noqa: F401  (registers the typed schema: res in 16/24/32)
 
 log = logging.getLogger("train")
 
-STAGES = ("cycle", "initial", "edgeface_ft", "cyclic", "edgeface_pretrain")
 
 
 def seed_everything(seed: int) -> None:
@@ -40,7 +39,15 @@ def prepare(cfg: DictConfig) -> DictConfig:
         base = hydra.utils.get_original_cwd() if HydraConfig.initialized() else os.getcwd()
         with open_dict(cfg):
             cfg.paths.root = str((Path(base) / root).resolve())
-    resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    device = resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    if n_gpu > 1 and str(cfg.device) in ("auto", "cuda") and HydraConfig.initialized():
+        # local multirun: pin job N to GPU N (mod count) so parallel jobs do not share one GPU
+        job_num = HydraConfig.get().job.get("num")
+        if job_num is not None:
+            with open_dict(cfg):
+                cfg.device = f"cuda:{int(job_num) % n_gpu}"
+            log.info("job %s pinned to %s", job_num, cfg.device)
     return cfg
 
 
@@ -60,6 +67,10 @@ def main(cfg: DictConfig) -> float | None:
     seed_everything(int(cfg.seed))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("stage=%s res=%s name=%s -> %s", cfg.stage.name, cfg.res, cfg.name, out_dir)
+    if cfg.dry_run and cfg.stage.name != "cycle":
+        from cycle.pipeline import format_plan, step_for
+        print(format_plan(cfg, [step_for(cfg, cfg.stage.name, int(cfg.stage.get("cycle_index", 1)))]))
+        return None
     metrics = run_stage(cfg, out_dir)
     if metrics:
         log.info("final metrics: %s", {k: round(float(v), 4) for k, v in metrics.items()})

@@ -107,3 +107,21 @@ class ArtifactStore:
         os.replace(tmp, target.with_suffix(".json"))
         log.info("published %s", target)
         return target
+
+
+def cycle_artifacts(index: int) -> dict[str, str]:
+    """Artifact names read and written by cycle `index` (1, 2, ...).
+
+    Cycle 1 fine-tunes EdgeFace from the pretrained one on `dsr_initial` outputs and
+    continues that DSR; cycle k > 1 starts from cycle k-1's EdgeFace and DSR.
+    """
+    if index < 1:
+        raise ValueError(f"cycle index must be >= 1, got {index}")
+    sfx = "" if index == 1 else str(index)
+    prev = "" if index <= 2 else str(index - 1)
+    return {
+        "dsr_in": "dsr_initial" if index == 1 else f"dsr_cyclic{prev}",
+        "edgeface_in": "edgeface_pretrained" if index == 1 else f"edgeface_ft{prev}",
+        "edgeface_out": f"edgeface_ft{sfx}",
+        "dsr_out": f"dsr_cyclic{sfx}",
+    }

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,7 +39,7 @@ class MetricsLogger:
         import wandb  # imported lazily: slow, and optional at run time
 
         id_file = self.run_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if cfg is not None else None
         self._wandb = wandb.init(project=project, name=name, group=group, id=run_id, resume="allow",

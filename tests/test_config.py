@@ -1,0 +1,110 @@
+"""Composition of the real configs: every stage x res, typed res, typos, dispatch."""
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_train
+
+STAGES = ["cycle", "initial", "edgeface_ft", "cyclic", "edgeface_pretrain"]
+CYCLIC = {"16": (55, 9e-5, 0.68, 0.22), "24": (50, 8.5e-5, 0.65, 0.20), "32": (50, 8e-5, 0.65, 0.20)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("res", ["16", "24", "32"])
+def test_every_stage_and_res_composes_and_resolves(stage, res, tmp_path):
+    cfg = compose_train([f"stage={stage}", f"res={res}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.stage.name == stage and str(cfg.res) == res and int(cfg.res) == int(res)
+    epochs, lr, lam_id, lam_fm = CYCLIC[res]
+    c = cfg.stages.cyclic
+    assert (c.epochs, c.lr, c.loss.identity, c.loss.feature_match) == (epochs, lr, lam_id, lam_fm)
+    i = cfg.stages.initial
+    assert (i.epochs, i.lr, i.loss.identity, i.loss.feature_match) == (100, 1.5e-4, 0.50, 0.15)
+    assert (c.second_cycle.epochs, c.second_cycle.lr, c.second_cycle.lambda_identity) == (30, 5e-5, 0.70)
+
+
+@pytest.mark.parametrize("res", ["16", "24", "32"])
+def test_dsr_instantiates_for_res(res, tmp_path):
+    import torch
+    cfg = compose_train([f"res={res}"], tmp_path)
+    model = instantiate(cfg.dsr)
+    out = model(torch.rand(1, 3, int(res), int(res)))
+    assert out.shape == (1, 3, 112, 112)
+
+
+def test_res_typed_as_int_on_the_command_line_is_accepted(tmp_path):
+    # `res=32` arrives from the parser as the int 32
+    cfg = compose_train(["res=32"], tmp_path)
+    assert cfg.res == "32" and f"{cfg.res}" == "32"
+
+
+@pytest.mark.parametrize("bad", ["res=20", "res=abc", "res=16.0"])
+def test_bad_res_fails_at_composition_listing_allowed(bad):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train([bad])
+    cause = str(e.value.__cause__ or e.value)
+    assert "16" in cause and "24" in cause and "32" in cause
+
+
+def test_unknown_stage_lists_the_stages():
+    with pytest.raises(Exception) as e:
+        compose_train(["stage=finetune"])
+    msg = str(e.value)
+    assert all(s in msg for s in STAGES)
+
+
+@pytest.mark.parametrize("typo", ["trainer.batchsize=4", "sed=1", "stages.initial.epoch=3"])
+def test_config_typo_fails(typo):
+    with pytest.raises(ConfigCompositionException):
+        compose_train([typo])
+
+
+def test_experiments_compose(tmp_path):
+    for exp in ("smoke", "demo"):
+        cfg = compose_train([f"experiment={exp}"], tmp_path)
+        OmegaConf.resolve(cfg)
+        assert cfg.name == exp
+
+
+def _run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_bad_res_message():
+    p = _run_train("res=20", "--cfg", "job")
+    assert p.returncode != 0
+    assert "16, 24, 32" in p.stderr + p.stdout
+
+
+def test_cli_compositions_as_typed():
+    for args in (["stage=cyclic", "res=32"], ["res=24"], ["stage=cycle", "dry_run=true", "--cfg", "job"]):
+        p = _run_train(*args, "--cfg", "job") if "--cfg" not in args else _run_train(*args)
+        assert p.returncode == 0, p.stderr
+    p = _run_train("-m", "res=16,24,32", "--cfg", "job")
+    assert p.returncode == 0, p.stderr
+
+
+def test_dry_run_prints_plan_and_runs_nothing(tmp_path):
+    p = _run_train("stage=cycle", "dry_run=true", f"paths.output_dir={tmp_path}/o",
+                   f"paths.artifacts_dir={tmp_path}/a", "logger=none")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for s in ("edgeface_pretrain", "initial", "edgeface_ft", "cyclic", "eval"):
+        assert s in out
+    assert "lambda_identity" in out and "dsr_initial" in out
+    assert not (tmp_path / "a").exists()
+
+
+def test_unbuilt_stage_is_a_clear_not_implemented(tmp_path):
+    from train import run_stage
+    cfg = compose_train(["stage=initial"], tmp_path)
+    from omegaconf import open_dict
+    with open_dict(cfg):
+        cfg.stage.fn = "dsr.not_there.run"
+    with pytest.raises(NotImplementedError, match="stage 'initial'"):
+        run_stage(cfg, tmp_path)
