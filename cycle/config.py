@@ -35,6 +35,7 @@ class TrainSchema:
     resolutions: Any = None
     degradation: Any = None
     stage: Any = None
+    stages: Any = None
     data: Any = None
     dsr: Any = None
     edgeface: Any = None

@@ -42,12 +42,17 @@ def test_res_typed_as_int_on_the_command_line_is_accepted(tmp_path):
     assert cfg.res == "32" and f"{cfg.res}" == "32"
 
 
-@pytest.mark.parametrize("bad", ["res=20", "res=abc", "res=16.0"])
+@pytest.mark.parametrize("bad", ["res=20", "res=abc"])
 def test_bad_res_fails_at_composition_listing_allowed(bad):
     with pytest.raises(ConfigCompositionException) as e:
         compose_train([bad])
     cause = str(e.value.__cause__ or e.value)
     assert "16" in cause and "24" in cause and "32" in cause
+
+
+def test_float_res_fails():
+    with pytest.raises(ConfigCompositionException):
+        compose_train(["res=16.0"])
 
 
 def test_unknown_stage_lists_the_stages():
@@ -81,12 +86,16 @@ def test_cli_bad_res_message():
     assert "16, 24, 32" in p.stderr + p.stdout
 
 
-def test_cli_compositions_as_typed():
-    for args in (["stage=cyclic", "res=32"], ["res=24"], ["stage=cycle", "dry_run=true", "--cfg", "job"]):
-        p = _run_train(*args, "--cfg", "job") if "--cfg" not in args else _run_train(*args)
+def test_cli_compositions_as_typed(tmp_path):
+    for args in (["stage=cyclic", "res=32"], ["res=24"]):
+        p = _run_train(*args, "--cfg", "job")
         assert p.returncode == 0, p.stderr
-    p = _run_train("-m", "res=16,24,32", "--cfg", "job")
+        assert f"res: '{args[-1][4:]}'" in p.stdout
+    # a real (dry) multirun: one job per resolution, each in its own directory
+    p = _run_train("-m", "res=16,24,32", "dry_run=true", "logger=none", f"paths.output_dir={tmp_path}")
     assert p.returncode == 0, p.stderr
+    assert sorted(d.name for d in (tmp_path / "default").glob("res*")) == ["res16", "res24", "res32"]
+    assert p.stdout.count("plan for res=") == 3
 
 
 def test_dry_run_prints_plan_and_runs_nothing(tmp_path):
