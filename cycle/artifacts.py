@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cycle.checkpoint import load_checkpoint, save_checkpoint
+from cycle.config import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ArtifactStore:
                     shutil.move(str(src), hist / f"{src.stem}.{stamp}{src.suffix}")
             log.warning("artifact %s existed: previous version moved to %s", target, hist)
         if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            cfg = to_plain(cfg)
         manifest = {
             "name": name,
             "res": self.res,

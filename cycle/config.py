@@ -53,3 +53,10 @@ def register() -> None:
 
 
 register()
+
+
+def to_plain(node) -> Any:
+    """A config node as plain Python (resolved; enums as strings): safe for JSON, wandb, checkpoints."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from cycle.config import to_plain
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class MetricsLogger:
         id_file = self.run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if cfg is not None else None
+        config = to_plain(cfg) if cfg is not None else None
         self._wandb = wandb.init(project=project, name=name, group=group, id=run_id, resume="allow",
                                  dir=str(self.run_dir), config=config, tags=tags,
                                  mode=os.environ.get("WANDB_MODE", mode))

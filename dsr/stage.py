@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import edgeface
 from cycle.artifacts import ArtifactStore, cycle_artifacts
+from cycle.config import to_plain
 from cycle.data import build_splits, make_loader
 from cycle.degrade import upsample
 from cycle.health import HealthMonitor
@@ -40,7 +41,7 @@ def run_cyclic(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 def stage_hparams(cfg: DictConfig, kind: str, cycle_index: int) -> dict:
     """Epochs, LR and loss weights of this stage (2nd-cycle values for cycle_index > 1)."""
     s = cfg.stages[kind]
-    hp = {"epochs": int(s.epochs), "lr": float(s.lr), "loss": OmegaConf.to_container(s.loss, resolve=True)}
+    hp = {"epochs": int(s.epochs), "lr": float(s.lr), "loss": to_plain(s.loss)}
     if kind == "cyclic" and cycle_index > 1:
         sc = s.second_cycle
         hp.update(epochs=int(sc.epochs), lr=float(sc.lr))
@@ -97,13 +98,13 @@ def _run(cfg: DictConfig, out_dir: Path, kind: str) -> dict[str, float]:
                                num_workers=int(t.num_workers), seed=int(cfg.seed))
     val_loader = make_loader(splits["val"], batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
                              train=False, num_workers=int(t.num_workers), seed=int(cfg.seed))
-    loss_fn = DSRLoss(hp["loss"], supervisor).to(device)
+    loss_fn = DSRLoss(supervisor, **hp["loss"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=tuple(s.betas), weight_decay=float(s.weight_decay))
     train_model = torch.compile(model) if cfg.get("compile") else model
 
     logger = build_logger(cfg, out_dir, label)
     try:
-        trainer = Trainer(tcfg={**OmegaConf.to_container(t, resolve=True), "warmup_frac": float(s.warmup_frac)},
+        trainer = Trainer(tcfg={**to_plain(t), "warmup_frac": float(s.warmup_frac)},
                           run_dir=out_dir, logger=logger, device=device, modules={"dsr": model}, optimizer=opt,
                           epochs=hp["epochs"], steps_per_epoch=len(train_loader), tag=label,
                           ema=EMA(model, float(s.ema_decay)), resume=bool(cfg.resume), health=HealthMonitor())
@@ -130,7 +131,7 @@ def _run(cfg: DictConfig, out_dir: Path, kind: str) -> dict[str, float]:
             logger.warn(code, msg, trainer.step)
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         store.publish(out_name, {"format": "dsr", "res": res, "model": model.state_dict(),
-                                 "arch": OmegaConf.to_container(cfg.dsr, resolve=True)},
+                                 "arch": to_plain(cfg.dsr)},
                       cfg=cfg, metrics=metrics, parents=parents, run_dir=out_dir)
         logger.summary(metrics)
         return metrics
