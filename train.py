@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import time
 from pathlib import Path
 
 import hydra
@@ -16,12 +18,11 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 import cycle.config  # noqa: F401  (registers the typed schema: res in 16/24/32)
 
 log = logging.getLogger("train")
-
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +62,19 @@ def run_stage(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     return fn(cfg, Path(out_dir))
 
 
+def archive_previous(out_dir: Path) -> Path | None:
+    """resume=false in a used run directory: move the old results aside, never overwrite them."""
+    old = [p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log" and p.name != "archive"]
+    if not old:
+        return None
+    dest = out_dir / "archive" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for p in old:
+        shutil.move(str(p), dest / p.name)
+    log.warning("resume=false: previous contents of %s moved to %s", out_dir, dest)
+    return dest
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     cfg = prepare(cfg)
@@ -71,6 +85,8 @@ def main(cfg: DictConfig) -> float | None:
         from cycle.pipeline import format_plan, step_for
         print(format_plan(cfg, [step_for(cfg, cfg.stage.name, int(cfg.stage.get("cycle_index", 1)))]))
         return None
+    if not cfg.resume:
+        archive_previous(out_dir)
     metrics = run_stage(cfg, out_dir)
     if metrics:
         log.info("final metrics: %s", {k: round(float(v), 4) for k, v in metrics.items()})

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cycle.checkpoint import load_checkpoint, save_checkpoint
 from cycle.config import to_plain

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import edgeface
 from cycle.artifacts import ArtifactStore, cycle_artifacts
 from cycle.config import to_plain
 from cycle.data import build_splits, make_loader
