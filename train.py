@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,9 @@ from omegaconf import DictConfig, open_dict
 import cycle.config  # noqa: F401  (registers the typed schema: res in 16/24/32)
 
 log = logging.getLogger("train")
+# Our launcher YAMLs deliberately shadow the plugin's schemas of the same name (to set our defaults).
+warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_.*validated against ConfigStore schema",
+                        category=UserWarning)
 
 
 def seed_everything(seed: int) -> None:

@@ -324,14 +324,24 @@ class Trainer:
                     for code, msg in self.health.check_epoch(self.history):
                         self.logger.warn(code, msg, self.step)
                 self.save()
+                if guard.received is not None and self.epoch < self.epochs:
+                    bar.close()
+                    guard.forward_signal()  # signal during validation/saving: state is saved, requeue now
+            if guard.received is not None:  # after the last epoch: finish the phase, then requeue
+                self._finish(done, last)
+                bar.close()
+                guard.forward_signal()
         bar.close()
+        self._finish(done, last)
+        return FitResult(best=self.best, last=last, history=self.history, step=self.step)
+
+    def _finish(self, done: Path, last: dict[str, float]) -> None:
         if not self.best:
             self.best = dict(last)
             self._save_weights(f"{self.tag}.best.pt")
         # the done marker holds the raw final weights (what the modules hold now); best.pt holds EMA
         self._save_weights(done.name, ema=False, extra={"best": self.best, "last": last,
                                                         "history": self.history, "step": self.step})
-        return FitResult(best=self.best, last=last, history=self.history, step=self.step)
 
     def _micro_step(self, batch, step_fn, last_micro: bool) -> dict[str, float]:
         try:
