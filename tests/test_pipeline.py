@@ -61,8 +61,9 @@ def test_full_cycle_then_skip_and_second_cycle(smoke_cfg, tmp_path):
     assert list((store.dir / "history").glob("dsr_cyclic.*.pt"))  # the old one was kept
 
     # a 2nd cycle adds its own artifacts, never touching cycle 1's
-    cfg3 = smoke_cfg("cycle.cycles=2", "cycle.eval=false")
-    run(cfg3, tmp_path / "run2")
+    cfg3 = smoke_cfg("cycle.cycles=2", "cycle.eval=false",
+                     "cycle.skip=[edgeface_pretrain,initial,edgeface_ft,cyclic]")
+    run(cfg3, tmp_path / "run3")
     assert store.exists("edgeface_ft2") and store.exists("dsr_cyclic2")
     assert store.path("dsr_initial").stat().st_mtime == mtimes["dsr_initial"]
 

@@ -1,0 +1,372 @@
+"""eval.report / python -m eval: methods from artifacts, results.json schema, report.md, figures, LFW pairs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import _SESSION_CACHE, ROOT, compose_train
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import edgeface
+from cycle.artifacts import ArtifactStore
+from cycle.config import to_plain
+from cycle.data import build_splits, load_image, make_loader
+from cycle.degrade import upsample
+from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
+from eval.protocols import MissingImagesError, balanced_pairs
+from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
+
+FIGURES = ("roc", "cmc", "scores", "quality", "samples")
+
+
+# ------------------------------------------------------------------------------------ tiny artifacts
+
+
+def make_edgeface_payloads():
+    """Two random EdgeFaces in the project's `edgeface.save` format: 'pretrained' and a perturbed 'ft'."""
+    torch.manual_seed(0)
+    model = edgeface.build("edgeface_xxs")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ft = {k: (v + 0.05 * torch.randn_like(v) * v.std() if v.is_floating_point() and v.numel() > 1 else v.clone())
+          for k, v in sd.items()}
+
+    def payload(state):
+        return {"format": "edgeface", "variant": model.variant, "quantized": False, "state_dict": state}
+    return {"pretrained": payload(sd), "ft": payload(ft)}
+
+
+@pytest.fixture(scope="module")
+def edgeface_payloads():
+    return make_edgeface_payloads()  # once per module: timm's random init costs seconds on a small CPU
+
+
+def publish_dsr(cfg, name: str, res: str, seed: int) -> None:
+    """A random-init DSR published as dsr/stage.py does (nearly bicubic: its last conv starts small)."""
+    with open_dict(cfg):
+        cfg.res = res
+    torch.manual_seed(seed)
+    model = instantiate(cfg.dsr)
+    ArtifactStore(cfg.paths.artifacts_dir, res).publish(
+        name, {"format": "dsr", "res": int(res), "model": model.state_dict(),
+               "arch": to_plain(cfg.dsr)}, cfg=cfg, metrics={"val/psnr": 20.0})
+
+
+def publish(cfg, payloads, res: str = "16", names=("edgeface_pretrained", "dsr_initial", "edgeface_ft", "dsr_cyclic")):
+    store = ArtifactStore(cfg.paths.artifacts_dir, res)
+    for name in names:
+        if name.startswith("edgeface"):
+            store.publish(name, payloads["pretrained" if name == "edgeface_pretrained" else "ft"], metrics={})
+        else:
+            publish_dsr(cfg.copy(), name, res, seed=len(name))
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    cfg = compose_train(["experiment=smoke", "device=cpu"], tmp_path)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(_SESSION_CACHE)  # the tiny synthetic faces, rendered once per session
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ evaluate()
+
+
+def test_evaluate_smoke_schema_report_and_figures(smoke, edgeface_payloads, tmp_path):
+    publish(smoke, edgeface_payloads)
+    out = tmp_path / "eval"
+    flat = evaluate(smoke, out, resolutions=["16"])
+
+    res = json.loads((out / "results.json").read_text())
+    assert {"16", "config", "artifacts", "skipped", "notes"} <= set(res)
+    assert list(res["16"]) == ["hr", "bicubic", "initial", "initial_ft", "cyclic"]
+    for method, m in res["16"].items():
+        for k in ("auc", "eer", "tar@far=1e-3", "tar@far=1e-2", "accuracy", "rank1", "rank5", "d_prime",
+                  "genuine_mean", "impostor_mean", "num_genuine", "num_impostor"):
+            assert k in m, (method, k)
+        assert ("psnr" in m) == ("ssim" in m) == (method != "hr")
+        assert 0 <= m["auc"] <= 1 and 0 <= m["rank1"] <= m["rank5"] <= 1
+    # 60 impostor pairs cannot reach FAR = 1e-3: null in JSON, said once in the notes
+    assert res["16"]["cyclic"]["tar@far=1e-3"] is None
+    assert any("tar@far=1e-3 is NaN" in n and "cyclic" in n for n in res["notes"])
+    # the absent 2nd cycle is skipped with its reason; manifests of the artifacts used are recorded
+    assert list(res["skipped"]["16"]) == ["cyclic2"] and "dsr_cyclic2" in res["skipped"]["16"]["cyclic2"]
+    assert res["artifacts"]["16"]["dsr_cyclic"]["name"] == "dsr_cyclic"
+    assert set(res["artifacts"]["16"]) == {"edgeface_pretrained", "dsr_initial", "edgeface_ft", "dsr_cyclic"}
+    assert res["config"]["res"] == "16" and res["protocol"]["kind"] == "balanced"
+    # flat dict for stage=cycle: "<method>/<metric>", finite values only
+    assert flat["cyclic/auc"] == pytest.approx(res["16"]["cyclic"]["auc"])
+    assert "cyclic/tar@far=1e-3" not in flat and all(np.isfinite(list(flat.values())))
+
+    # independent recomputation: bicubic PSNR and the hr method's AUC from the same faces and pairs
+    test = build_splits(smoke.data, smoke.paths.cache_dir)["test"]
+    batch = next(iter(make_loader(test, batch_size=len(test), res=16, degradation=smoke.degradation,
+                                  train=False, seed=int(smoke.eval.seed))))
+    assert res["16"]["bicubic"]["psnr"] == pytest.approx(psnr(upsample(batch["lr"]), batch["hr"]).mean(), rel=1e-9)
+    ef = edgeface.load(ArtifactStore(smoke.paths.artifacts_dir, 16).path("edgeface_pretrained"))
+    with torch.no_grad():
+        emb = ef(batch["hr"]).numpy()
+    ia, ib, same = balanced_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed))
+    scores = pair_scores_indexed(emb, ia, ib)
+    assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-6)
+    assert res["16"]["hr"]["num_genuine"] == int(same.sum())
+
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | PSNR (dB) | SSIM | AUC | EER")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["hr", "bicubic", "initial", "initial_ft", "cyclic"]
+    assert any("**" in r for r in rows[2:]) and "**" not in rows[1]  # best marked; hr not ranked
+    assert "`cyclic2`" in md.split("Skipped:")[1]
+    for fig in FIGURES:
+        png = out / "figures" / f"res16_{fig}.png"
+        assert png.is_file() and (out / "figures" / f"res16_{fig}.pdf").is_file()
+        with Image.open(png) as im:
+            assert min(im.size) > 200
+        assert f"figures/res16_{fig}.png" in md
+
+
+def test_pair_mode_and_gallery_are_configurable(smoke, edgeface_payloads, tmp_path):
+    publish(smoke, edgeface_payloads, names=("edgeface_pretrained",))
+    with open_dict(smoke):
+        smoke.eval.figures = False
+    evaluate(smoke, tmp_path / "a", ["16"])
+    with open_dict(smoke):
+        smoke.eval.pair_mode, smoke.eval.gallery = "sr_sr", "sr"
+    evaluate(smoke, tmp_path / "b", ["16"])
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert set(a["16"]) == {"hr", "bicubic"} and not (tmp_path / "a" / "figures").exists()
+    assert a["16"]["hr"] == b["16"]["hr"]  # HR vs HR either way
+    assert a["16"]["bicubic"]["genuine_mean"] != b["16"]["bicubic"]["genuine_mean"]
+    assert a["16"]["bicubic"]["psnr"] == b["16"]["bicubic"]["psnr"]
+    for key, value in (("pair_mode", "hr_hr"), ("gallery", "lr"), ("figure_formats", ["png", "gif9"])):
+        bad = smoke.copy()
+        with open_dict(bad):
+            bad.eval[key] = value
+        with pytest.raises(EvaluationError, match=key):
+            evaluate(bad, tmp_path / "c", ["16"])
+    assert not (tmp_path / "c").exists()  # rejected before any work
+
+
+def test_nothing_to_evaluate_writes_report_then_errors_and_never_overwrites(smoke, tmp_path):
+    out = tmp_path / "eval"
+    for _ in range(2):
+        with pytest.raises(EvaluationError, match="no method could be evaluated"):
+            evaluate(smoke, out, ["16"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["16"] == {} and len(res["skipped"]["16"]) == 6
+    assert "stage=edgeface_pretrain" in res["skipped"]["16"]["hr"]
+    assert "No method could be evaluated" in (out / "report.md").read_text()
+    assert len(list((out / "history").glob("*/results.json"))) == 1  # the first run, moved aside
+
+
+def test_fewer_than_two_identities_is_a_clear_error(tmp_path):
+    cfg = compose_train(["experiment=smoke", "device=cpu", "data.split.test=1"], tmp_path)
+    with pytest.raises(EvaluationError, match="test split has 1 identity.*at least 2"):
+        evaluate(cfg, tmp_path / "eval", ["16"])
+
+
+def test_bad_resolution_is_rejected(smoke, tmp_path):
+    with pytest.raises(EvaluationError, match="16, 24, 32"):
+        evaluate(smoke, tmp_path, ["20"])
+
+
+# ------------------------------------------------------------------------------------ report rendering
+
+
+def test_regressions_and_bold_best_in_markdown():
+    table = {
+        "hr": {"auc": 0.99, "eer": 0.01, "rank1": 1.0},
+        "initial": {"psnr": 25.0, "auc": 0.93, "eer": 0.10, "rank1": 0.80, "tar@far=1e-3": None},
+        "cyclic": {"psnr": 24.5, "auc": 0.91, "eer": 0.08, "rank1": 0.80, "tar@far=1e-3": None},
+    }
+    regs = regressions(table)
+    assert "cyclic is worse than initial on AUC (0.9100 vs 0.9300)" in regs
+    assert "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)" in regs
+    assert not any("EER" in r or "rank-1" in r for r in regs)  # lower EER is better; equal rank-1 is no loss
+    md = render_markdown({"16": table, "skipped": {"16": {"bicubic": "x absent"}}, "regressions": {"16": regs},
+                          "notes": ["a note"], "config": {"eval": {"folds": 10}}, "protocol": {}})
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "**0.9300**" in rows["initial"] and "**0.0800**" in rows["cyclic"]  # AUC max, EER min
+    assert "**0.8000**" in rows["initial"] and "**0.8000**" in rows["cyclic"]  # ties both bold
+    assert "**" not in rows["hr"] and "| - |" in rows["hr"] and "n/a" in rows["cyclic"]
+    assert "- `bicubic`: x absent" in md and "- cyclic is worse than initial on AUC" in md and "- a note" in md
+
+
+def test_score_method_100k_pairs_in_seconds():
+    rng = np.random.default_rng(0)
+    ids, per, dim = 2000, 10, 512
+    labels = np.repeat(np.arange(ids), per)
+    centers = rng.standard_normal((ids, dim)).astype(np.float32)
+    hr = centers[labels] + 0.8 * rng.standard_normal((labels.size, dim)).astype(np.float32)
+    sr = hr + 1.0 * rng.standard_normal(hr.shape).astype(np.float32)
+    ia, ib, same = balanced_pairs(labels, 100_000, 0)
+    gallery = np.arange(0, labels.size, per)
+    probes = np.setdiff1d(np.arange(labels.size), gallery)
+    t0 = time.perf_counter()
+    m, curves = score_method(sr, hr, labels, ia, ib, same, gallery_idx=gallery, probe_idx=probes)
+    dt = time.perf_counter() - t0
+    assert dt < 10, f"100k pairs took {dt:.1f} s"
+    scores = pair_scores_indexed(sr, ia, ib, emb_b=hr)
+    assert m["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
+    assert m["num_genuine"] == m["num_impostor"] == 50_000 and 0.5 < m["accuracy"] <= 1
+    assert np.isfinite(m["tar@far=1e-4"]) and curves["cmc"].size == ids and curves["cmc"][-1] == 1.0
+
+
+# ------------------------------------------------------------------------------------ LFW pairs.txt
+
+
+def _lfw_case(tmp_path, pairs_per_fold: int = 2, missing: bool = False, corrupt: bool = False):
+    """8 identities x 3 tiny non-square images in LFW layout; a '10 N' pairs.txt over them."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "lfw"
+    names = [f"Person_{k}" for k in range(8)]
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        base = rng.integers(0, 255, (1, 1, 3))
+        for i in range(1, 4):
+            img = np.clip(base + rng.integers(-40, 40, (48, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{name}_{i:04d}.png")
+    lines = [f"10 {pairs_per_fold}"]
+    for f in range(10):
+        for p in range(pairs_per_fold):
+            n = names[(f + p) % 8]
+            lines.append(f"{n} {1 + p % 3} {1 + (p + 1) % 3}")
+        for p in range(pairs_per_fold):
+            a, b = names[(f + p) % 8], names[(f + p + 3) % 8]
+            lines.append(f"{a} {1 + f % 3} {b} {1 + p % 3}")
+    if missing:
+        lines[1] = f"{names[0]} 1 9"  # Person_0_0009 does not exist
+    if corrupt:
+        (root / names[5] / f"{names[5]}_0004.png").write_bytes(b"not a png")
+        lines[-1] = f"{names[1]} 1 {names[5]} 4"
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return root, tmp_path / "pairs.txt"
+
+
+def _lfw_cfg(tmp_path, root, pairs, *extra):
+    cfg = compose_train(["experiment=smoke", "device=cpu", "data=folder", f"data.root={root}",
+                         f"eval.pairs_file={pairs}", *extra], tmp_path)
+    with open_dict(cfg):
+        cfg.eval.figures = False
+    return cfg
+
+
+def test_lfw_pairs_end_to_end_10_folds(tmp_path, edgeface_payloads):
+    root, pairs = _lfw_case(tmp_path)
+    cfg = _lfw_cfg(tmp_path, root, pairs)
+    publish(cfg, edgeface_payloads, names=("edgeface_pretrained",))
+    flat = evaluate(cfg, tmp_path / "eval", ["16"])
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["protocol"]["kind"] == "lfw" and res["protocol"]["num_folds"] == 10
+    assert res["protocol"]["num_pairs"] == 40 and res["protocol"]["num_genuine"] == 20
+    assert set(res["16"]) == {"hr", "bicubic"} and "bicubic/accuracy" in flat
+
+    # the hr row reproduced by hand: images read like the folder data, EdgeFace, 10-fold with LFW folds
+    from eval.protocols import load_lfw_pairs
+    lp = load_lfw_pairs(pairs, root)
+    hr = torch.from_numpy(np.stack([load_image(p, 112, "resize") for p in lp.paths])).permute(0, 3, 1, 2) / 255.0
+    ef = edgeface.load(ArtifactStore(cfg.paths.artifacts_dir, 16).path("edgeface_pretrained"))
+    with torch.no_grad():
+        scores = pair_scores_indexed(ef(hr).numpy(), lp.idx_a, lp.idx_b)
+    acc, std, _ = kfold_accuracy(scores, lp.is_same, fold_ids=lp.fold)
+    assert res["16"]["hr"]["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert res["16"]["hr"]["accuracy_std"] == pytest.approx(std, abs=1e-12)
+    assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(lp.is_same, scores), abs=1e-6)
+    assert "LFW-format" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_lfw_missing_and_unreadable_images(tmp_path, edgeface_payloads):
+    root, pairs = _lfw_case(tmp_path, missing=True, corrupt=True)
+    cfg = _lfw_cfg(tmp_path, root, pairs)
+    publish(cfg, edgeface_payloads, names=("edgeface_pretrained",))
+    with pytest.raises(MissingImagesError, match="Person_0_0009.*allow_missing"):
+        evaluate(cfg, tmp_path / "a", ["16"])
+    with open_dict(cfg):
+        cfg.eval.allow_missing = True
+    evaluate(cfg, tmp_path / "b", ["16"])
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["protocol"]["num_pairs"] == 38 and res["protocol"]["num_dropped"] == 2
+    assert any("missing" in n for n in res["notes"]) and any("unreadable" in n for n in res["notes"])
+    assert res["16"]["hr"]["num_genuine"] == 19 and res["16"]["hr"]["num_impostor"] == 19
+    assert res["protocol"]["num_images"] == 24  # 26 named, 1 missing, 1 unreadable: in no pair, no gallery
+
+    (root / "Person_0" / "Person_0_0009.png").write_bytes((root / "Person_0" / "Person_0_0001.png").read_bytes())
+    with open_dict(cfg):
+        cfg.eval.allow_missing = False
+    with pytest.raises(EvaluationError, match="could not be read.*Person_5_0004.*allow_missing=true"):
+        evaluate(cfg, tmp_path / "c", ["16"])
+
+
+def test_pairs_file_needs_an_image_folder(tmp_path):
+    cfg = compose_train(["experiment=smoke", "device=cpu", "eval.pairs_file=pairs.txt"], tmp_path)
+    with pytest.raises(EvaluationError, match="data=folder data.root=DIR"):
+        evaluate(cfg, tmp_path, ["16"])
+
+
+# ------------------------------------------------------------------------------------ python -m eval
+
+
+def test_argv_translation_and_composition(tmp_path):
+    from eval.__main__ import UsageError, translate_argv
+
+    argv = translate_argv(["res=16,24,32", "experiment=smoke"])
+    assert argv[-2:] == ["eval.resolutions=[16,24,32]", "experiment=smoke"]
+    assert any(a.startswith("hydra.run.dir=${paths.output_dir}/${name}/eval/${now:") for a in argv)
+    assert translate_argv(["res=[24, 32]"])[-1] == "eval.resolutions=[24,32]"
+    assert translate_argv(["res=32"])[-1] == "res=32"  # a single value stays Hydra's typed key
+    assert translate_argv(["-m", "res=16,24"])[-2:] == ["-m", "res=16,24"]  # multirun: one job each
+    assert "hydra.run.dir=x" in translate_argv(["hydra.run.dir=x"]) and sum(
+        a.startswith("hydra.run.dir") for a in translate_argv(["hydra.run.dir=x"])) == 1
+    with pytest.raises(UsageError, match="20.*16, 24, 32"):
+        translate_argv(["res=16,20"])
+
+    overrides = [a for a in argv if not a.startswith("hydra.")]
+    cfg = compose_train(overrides, tmp_path, return_hydra_config=True)
+    assert list(cfg.eval.resolutions) == [16, 24, 32] and cfg.name == "smoke"
+    from eval.report import _resolutions
+    assert _resolutions(cfg, None) == ["16", "24", "32"]
+    assert _resolutions(compose_train(["res=24"], tmp_path), None) == ["24"]
+
+
+def _run_eval(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_rejects_bad_resolution_with_a_message():
+    p = _run_eval("res=16,20")
+    assert p.returncode == 2 and "16, 24, 32" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_cli_evaluates_several_resolutions(tmp_path, edgeface_payloads):
+    cfg = compose_train(["experiment=smoke", "device=cpu"], tmp_path)
+    for res in ("16", "24"):
+        publish(cfg, edgeface_payloads, res=res, names=("edgeface_pretrained", "dsr_initial"))
+    p = _run_eval("res=16,24", "experiment=smoke", "device=cpu", f"paths.output_dir={tmp_path}/outputs",
+                  f"paths.artifacts_dir={tmp_path}/artifacts", f"paths.cache_dir={_SESSION_CACHE}",
+                  "eval.figure_formats=[png]")
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = [line for line in p.stdout.splitlines() if line.startswith("report: ")]
+    assert len(report) == 1
+    path = report[0].split(": ", 1)[1]
+    run_dir = (tmp_path / "outputs" / "smoke" / "eval").resolve()
+    assert str(run_dir) in path and path.endswith("report.md")
+    res = json.loads((run_dir.glob("*/results.json").__next__()).read_text())
+    assert set(res["16"]) == set(res["24"]) == {"hr", "bicubic", "initial"}
+    assert res["config"]["eval"]["resolutions"] == [16, 24]
+    assert res["16"]["hr"]["auc"] == pytest.approx(res["24"]["hr"]["auc"])  # HR does not depend on res
+    assert res["16"]["bicubic"]["psnr"] < res["24"]["bicubic"]["psnr"]  # more pixels, better bicubic
+    figs = {f.name for f in (run_dir.glob("*/figures")).__next__().iterdir()}
+    assert {"res16_roc.png", "res24_samples.png"} <= figs
+
+    p = _run_eval("res=16,24", "experiment=smoke", "device=cpu", f"paths.output_dir={tmp_path}/o2",
+                  f"paths.artifacts_dir={tmp_path}/none", f"paths.cache_dir={_SESSION_CACHE}")
+    assert p.returncode == 1 and "no method could be evaluated" in p.stderr and "Traceback" not in p.stderr
