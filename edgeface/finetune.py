@@ -1,0 +1,254 @@
+"""Stage `edgeface_ft`: EdgeFace fine-tuned on the outputs of a frozen DSR.
+
+Cycle 1 (`stage.cycle_index=1`) starts from the pretrained EdgeFace (`edgeface.weights`, else the
+`edgeface_pretrained` artifact) on outputs of `dsr_initial` and publishes `edgeface_ft`; cycle 2 starts
+from `edgeface_ft` on outputs of `dsr_cyclic` and publishes `edgeface_ft2` (`stages.edgeface_ft.second_cycle`
+epochs). Names come from `cycle.artifacts.cycle_artifacts`.
+
+Two phases, each its own Trainer (tags "phase1"/"phase2") in the same run directory, so a re-run resumes
+inside the phase that was running and skips a finished one (its done marker restores its final weights):
+  phase 1: a fresh margin head over the training identities; backbone frozen (eval, not in the optimizer);
+  phase 2: everything, two param groups (backbone at lr * backbone_lr_mult), warm-up + cosine per step.
+Loss = margin loss on E(SR) + lambda_align * mean(1 - cos(E(SR), E(HR))), SR = DSR(VLR) computed in
+batches on the device under no_grad. SR and HR are augmented jointly by construction: the loader augments
+the HR face and degrades that result into the VLR input.
+
+Model selection: SR-probe vs HR-gallery verification on the validation identities
+(`stages.edgeface_ft.select`, with an explicit fallback when it is NaN), never SR-HR cosine alone, which a
+collapsed embedding maximises.
+The candidates are phase 1's network (the input backbone + trained head) and phase 2's best epoch, so a
+fine-tuning that hurts verification is never published over the input backbone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+import edgeface
+from cycle.artifacts import ArtifactStore, cycle_artifacts
+from cycle.config import to_plain
+from cycle.data import build_splits, make_loader
+from cycle.health import HealthMonitor
+from cycle.logger import build_logger
+from cycle.training import Trainer, resolve_device
+from cycle.validation import verification
+from dsr.losses import freeze
+from dsr.stage import load_dsr
+from edgeface.heads import build_head
+from edgeface.pretrain import SELECTABLE, SELECTION_KEY, edgeface_payload, margin_loss
+from edgeface.pretrain import selection_mode as _selection_mode
+from edgeface.pretrain import selection_value, train_accuracy
+from edgeface.supervisor import load_supervisor
+
+log = logging.getLogger(__name__)
+
+_SELECTABLE = SELECTABLE | {"val/hr_auc"}
+
+
+def phase_epochs(cfg: DictConfig, cycle_index: int) -> tuple[int, int]:
+    s = cfg.stages.edgeface_ft
+    p = s.second_cycle if cycle_index > 1 else s
+    return int(p.phase1_epochs), int(p.phase2_epochs)
+
+
+def selection_mode(select: str) -> str:
+    if select == "val/sr_hr_cos":
+        raise ValueError("stages.edgeface_ft.select=val/sr_hr_cos: SR-HR cosine alone rewards embedding "
+                         "collapse (all faces mapped alike); select a verification metric: "
+                         + ", ".join(sorted(_SELECTABLE)))
+    return _selection_mode(select, _SELECTABLE, "stages.edgeface_ft.select")
+
+
+def ft_loss(backbone, head, sr, hr, labels, *, lambda_align: float, train_backbone: bool):
+    """Margin loss on E(SR) + lambda_align * mean(1 - cos(E(SR), E(HR))); returns (loss, terms).
+
+    E(HR) is a stop-gradient target (computed under no_grad): the alignment pulls SR embeddings to
+    where the current backbone puts the matching HR face and never pulls HR embeddings towards SR ones.
+    With gradients on both sides the cheapest way to raise the cosine is to make both less
+    discriminative (in the limit one constant vector: collapse); HR faces are also the gallery at
+    deployment and what the cyclic DSR is supervised towards, so they should move only as the margin
+    loss requires. It also saves the HR backward pass.
+    In phase 1 (`train_backbone=False`) the backbone is frozen, so E(SR) needs no graph either and the
+    alignment term is a constant: it is still computed, so train/loss means the same in both phases.
+    """
+    if not train_backbone:
+        backbone.eval()  # the Trainer sets its modules to train() every epoch; frozen means eval here
+    with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+        e_sr = backbone(sr)
+    with torch.no_grad():
+        e_hr = backbone(hr)
+    margin = margin_loss(head, e_sr, labels)
+    align = (1.0 - F.cosine_similarity(e_sr.float(), e_hr.float(), dim=1)).mean()
+    loss = margin + lambda_align * align
+    acc = train_accuracy(head, e_sr, labels)
+    return loss, {"margin": margin.detach(), "align": align.detach(), "acc": acc}
+
+
+@torch.no_grad()
+def evaluate_sr(dsr, backbone, loader, device: torch.device, *, num_pairs: int, seed: int,
+                limit: int | None = None) -> dict[str, float]:
+    """SR probes (DSR then EdgeFace) vs HR gallery (EdgeFace) on the validation identities, plus the
+    mean SR-HR cosine of the same face (`val/sr_hr_cos`) and HR vs HR AUC (`val/hr_auc`: fine-tuning
+    on SR must not wreck full-resolution faces)."""
+    backbone.eval()
+    e_sr, e_hr, labels = [], [], []
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= int(limit):
+            break
+        lr_img, hr = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
+        e_sr.append(F.normalize(backbone(dsr(lr_img)).float(), dim=1).cpu())
+        e_hr.append(F.normalize(backbone(hr).float(), dim=1).cpu())
+        labels.append(batch["label"])
+    a, b, lab = torch.cat(e_sr), torch.cat(e_hr), torch.cat(labels).numpy()
+    out = {f"val/{k}": v for k, v in verification(a, lab, num_pairs, seed, emb_b=b).items()}
+    out["val/sr_hr_cos"] = float((a * b).sum(1).mean())
+    out["val/hr_auc"] = verification(b, lab, num_pairs, seed)["auc"]
+    return out
+
+
+class _StepOffset:
+    """A logger view that shifts steps: phase 2 logs after phase 1 on one step axis (the Trainer counts
+    steps per phase from 0, and wandb drops rows whose step goes backwards)."""
+
+    def __init__(self, logger, offset: int):
+        self._logger, self.offset = logger, int(offset)
+
+    def log(self, metrics, step: int) -> None:
+        self._logger.log(metrics, step + self.offset)
+
+    def warn(self, code: str, message: str, step: int) -> None:
+        self._logger.warn(code, message, step + self.offset)
+
+    def log_images(self, key, image, step: int, caption=None) -> None:
+        self._logger.log_images(key, image, step + self.offset, caption=caption)
+
+    def __getattr__(self, name):  # run_id, summary, close, ...
+        return getattr(self._logger, name)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    res = int(cfg.res)
+    idx = int(cfg.stage.get("cycle_index", 1))
+    names = cycle_artifacts(idx)
+    store = ArtifactStore(cfg.paths.artifacts_dir, res)
+    s, t = cfg.stages.edgeface_ft, cfg.trainer
+    p1_epochs, p2_epochs = phase_epochs(cfg, idx)
+    if p1_epochs < 0 or p2_epochs < 0 or p1_epochs + p2_epochs == 0:
+        raise ValueError(f"edgeface_ft needs phase1_epochs, phase2_epochs >= 0 and not both 0; got "
+                         f"{p1_epochs}, {p2_epochs}")
+    select = str(s.select)
+    mode = selection_mode(select)
+    label = "edgeface_ft" if idx == 1 else f"edgeface_ft{idx}"
+    lr, lambda_align = float(s.lr), float(s.lambda_align)
+
+    # Inputs first, DSR before EdgeFace: a missing one fails here naming the stage to run.
+    dsr_path = store.require(names["dsr_in"])
+    ef_in = names["edgeface_in"] if idx > 1 else None  # None: official weights or `edgeface_pretrained`
+    backbone = load_supervisor(cfg, store, ef_in).to(device)  # float copy even for `_q` variants
+    dsr = freeze(load_dsr(cfg, dsr_path).to(device))
+    official = idx == 1 and cfg.edgeface.get("weights")  # a file outside the store: no parent artifact
+    parents = [names["dsr_in"]] + ([] if official else [names["edgeface_in"]])
+
+    splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    train_set = splits["train"]
+    pk = tuple(t.pk) if t.get("pk") else None
+    common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
+                  num_workers=int(t.num_workers), seed=int(cfg.seed))
+    train_loader = make_loader(train_set, train=True, pk=pk, augment=cfg.data.augment, **common)
+    val_loader = make_loader(splits["val"], train=False, **common)
+    head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
+    head = build_head(head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
+                      scale=head_cfg["scale"], margin=head_cfg["margin"]).to(device)
+    net = torch.compile(backbone) if cfg.get("compile") else backbone
+    log.info("%s: %s from %s on outputs of %s; %s head over %d identities; phases %d + %d epochs",
+             label, backbone.variant, ef_in or parents[-1], names["dsr_in"], head_cfg["name"],
+             train_set.num_classes, p1_epochs, p2_epochs)
+
+    def make_step(train_backbone: bool):
+        def step_fn(batch):
+            lr_img = batch["lr"].to(device, non_blocking=True)
+            hr = batch["hr"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.no_grad():  # frozen DSR: its outputs are this stage's inputs, no graph needed
+                sr = dsr(lr_img)
+            return ft_loss(net, head, sr, hr, labels, lambda_align=lambda_align,
+                           train_backbone=train_backbone)
+        return step_fn
+
+    fallback_noted = []
+
+    def validate(epoch: int) -> dict[str, float]:
+        out = evaluate_sr(dsr, backbone, val_loader, device, num_pairs=int(t.val_pairs),
+                          seed=int(cfg.seed), limit=t.get("limit_val_batches"))
+        out[SELECTION_KEY], used = selection_value(out, select, mode)
+        if used != select and not fallback_noted:
+            fallback_noted.append(used)
+            log.warning("%s is NaN on this validation set (too few impostor pairs: raise trainer.val_pairs "
+                        "or the validation identities); selecting by %s instead", select, used)
+        return out
+
+    tcfg = {**to_plain(t), "warmup_frac": float(s.warmup_frac)}
+    health = HealthMonitor()  # one monitor: each warning once per stage, not once per phase
+    modules = {"backbone": backbone, "head": head}
+    trainer_args = dict(run_dir=out_dir, device=device, modules=modules, steps_per_epoch=len(train_loader),
+                        resume=bool(cfg.resume), health=health)
+    logger = build_logger(cfg, out_dir, label)
+    try:
+        done: list[tuple[Trainer, dict]] = []
+        offset = 0
+        if p1_epochs:
+            backbone.requires_grad_(False)
+            opt1 = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=float(s.weight_decay))
+            # Phase-1 validation only at its end: the backbone is frozen and verification does not use the
+            # head, so every phase-1 epoch would score the same (it is the input network's baseline).
+            ph1 = Trainer(tcfg={**tcfg, "val_every": p1_epochs}, logger=logger, optimizer=opt1,
+                          epochs=p1_epochs, tag="phase1", **trainer_args)
+            r1 = ph1.fit(train_loader, make_step(False), validate, select=SELECTION_KEY, mode=mode,
+                         set_epoch=getattr(train_loader, "set_epoch", None))
+            done.append((ph1, r1.best))
+            offset = ph1.total_steps
+        if p2_epochs:
+            backbone.requires_grad_(True)
+            groups = [{"params": list(backbone.parameters()), "lr": lr * float(s.backbone_lr_mult)},
+                      {"params": list(head.parameters()), "lr": lr}]
+            opt2 = torch.optim.AdamW(groups, lr=lr, weight_decay=float(s.weight_decay))
+            ph2 = Trainer(tcfg=tcfg, logger=_StepOffset(logger, offset), optimizer=opt2, epochs=p2_epochs,
+                          tag="phase2", **trainer_args)
+            # continue the loader's epoch count so phase 2 does not replay phase 1's shuffles/augmentations
+            r2 = ph2.fit(train_loader, make_step(True), validate, select=SELECTION_KEY, mode=mode,
+                         set_epoch=lambda e: train_loader.set_epoch(e + p1_epochs))
+            done.append((ph2, r2.best))
+
+        sign = 1.0 if mode == "max" else -1.0
+
+        def score(best: dict) -> float:
+            v = best.get(SELECTION_KEY, math.nan)
+            return sign * v if math.isfinite(v) else -math.inf
+
+        # ties go to the later phase (the fine-tuned network)
+        winner, best = max(reversed(done), key=lambda tb: score(tb[1]))
+        if winner.tag == "phase1" and len(done) == 2:
+            (ph2, best2) = done[1]
+            logger.warn("ft_no_gain",
+                        f"phase 2 never beat the input backbone on {select} (best {best2.get(SELECTION_KEY)} "
+                        f"vs {best.get(SELECTION_KEY)}): publishing the input backbone, phase-1 head. "
+                        "Remedy: lower stages.edgeface_ft.backbone_lr_mult or lambda_align, or train longer.",
+                        offset + ph2.step)
+        winner.load_best()
+        backbone.requires_grad_(False)
+        metrics = {k: float(v) for k, v in best.items() if isinstance(v, (int, float))}
+        metrics["selected_phase"] = 1.0 if winner.tag == "phase1" else 2.0
+        payload = edgeface_payload(backbone, head, train_set.num_classes, head_cfg)
+        store.publish(names["edgeface_out"], payload, cfg=cfg, metrics=metrics, parents=parents,
+                      run_dir=out_dir)
+        logger.summary(metrics)
+        return metrics
+    finally:
+        logger.close()
