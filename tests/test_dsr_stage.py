@@ -104,10 +104,10 @@ def test_initial_resume_after_interruption_matches_uninterrupted(smoke_cfg, tmp_
 
 @pytest.mark.slow
 def test_short_initial_run_beats_bicubic(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("stage=initial", "data.num_identities=40", "data.images_per_identity=8",
+    cfg = smoke_cfg("stage=initial", "data.num_identities=60", "data.images_per_identity=10",
                     "data.split={val:6,test:4}", "trainer.batch_size=16", "trainer.limit_train_batches=null",
-                    "trainer.limit_val_batches=null", "stages.initial.epochs=4", "stages.initial.lr=2e-3",
-                    "stages.initial.loss.identity=0.1", "stages.initial.loss.feature_match=0.0")
+                    "trainer.limit_val_batches=null", "stages.initial.epochs=6", "stages.initial.lr=2e-3",
+                    "stages.initial.loss.identity=0.05", "stages.initial.loss.feature_match=0.0")
     publish_edgeface(cfg, "edgeface_pretrained")
     m = run_initial(cfg, tmp_path / "initial")
     assert m["val/psnr"] > m["val/psnr_bicubic"] + 0.5, m
