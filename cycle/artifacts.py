@@ -29,8 +29,8 @@ PRODUCERS = {
     "dsr_initial": "initial",
     "edgeface_ft": "edgeface_ft",
     "dsr_cyclic": "cyclic",
-    "edgeface_ft2": "edgeface_ft cycle_index=2",
-    "dsr_cyclic2": "cyclic cycle_index=2",
+    "edgeface_ft2": "edgeface_ft stage.cycle_index=2",
+    "dsr_cyclic2": "cyclic stage.cycle_index=2",
 }
 
 

@@ -681,3 +681,18 @@ def loader_throughput(loader: DataLoader, batches: int = 30, warmup: int = 2) ->
             batch = next(it)
         n += len(batch["index"])
     return n / (time.perf_counter() - t0)
+
+
+def stage_loaders(cfg: Mapping, res: int | None) -> tuple[dict[str, FaceSet], DataLoader, DataLoader]:
+    """The splits and the (train, val) loaders every training stage uses, from the composed config.
+
+    res=None gives HR-only batches (EdgeFace pre-training).
+    """
+    t = cfg.trainer
+    splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    pk = tuple(t.pk) if t.get("pk") else None
+    common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
+                  num_workers=int(t.num_workers), seed=int(cfg.seed))
+    train = make_loader(splits["train"], train=True, pk=pk, augment=cfg.data.augment, **common)
+    val = make_loader(splits["val"], train=False, **common)
+    return splits, train, val

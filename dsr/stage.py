@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from cycle.artifacts import ArtifactStore, cycle_artifacts
 from cycle.config import to_plain
-from cycle.data import build_splits, make_loader
+from cycle.data import stage_loaders
 from cycle.degrade import upsample
 from cycle.health import HealthMonitor
 from cycle.logger import build_logger
@@ -90,13 +90,7 @@ def _run(cfg: DictConfig, out_dir: Path, kind: str) -> dict[str, float]:
     supervisor = freeze(supervisor.to(device))
     log.info("%s", describe(model, res))
 
-    splits = build_splits(cfg.data, cfg.paths.cache_dir)
-    pk = tuple(t.pk) if t.get("pk") else None
-    train_loader = make_loader(splits["train"], batch_size=int(t.batch_size), res=res,
-                               degradation=cfg.degradation, train=True, pk=pk, augment=cfg.data.augment,
-                               num_workers=int(t.num_workers), seed=int(cfg.seed))
-    val_loader = make_loader(splits["val"], batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
-                             train=False, num_workers=int(t.num_workers), seed=int(cfg.seed))
+    _, train_loader, val_loader = stage_loaders(cfg, res)
     loss_fn = DSRLoss(supervisor, **hp["loss"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=tuple(s.betas), weight_decay=float(s.weight_decay))
     train_model = torch.compile(model) if cfg.get("compile") else model

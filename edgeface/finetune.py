@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 import edgeface
 from cycle.artifacts import ArtifactStore, cycle_artifacts
 from cycle.config import to_plain
-from cycle.data import build_splits, make_loader
+from cycle.data import stage_loaders
 from cycle.health import HealthMonitor
 from cycle.logger import build_logger
 from cycle.training import Trainer, resolve_device
@@ -156,13 +156,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     official = idx == 1 and cfg.edgeface.get("weights")  # a file outside the store: no parent artifact
     parents = [names["dsr_in"]] + ([] if official else [names["edgeface_in"]])
 
-    splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    splits, train_loader, val_loader = stage_loaders(cfg, res)
     train_set = splits["train"]
-    pk = tuple(t.pk) if t.get("pk") else None
-    common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
-                  num_workers=int(t.num_workers), seed=int(cfg.seed))
-    train_loader = make_loader(train_set, train=True, pk=pk, augment=cfg.data.augment, **common)
-    val_loader = make_loader(splits["val"], train=False, **common)
     head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
     head = build_head(head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
                       scale=head_cfg["scale"], margin=head_cfg["margin"]).to(device)

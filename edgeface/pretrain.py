@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 import edgeface
 from cycle.artifacts import ArtifactStore
 from cycle.config import to_plain
-from cycle.data import build_splits, make_loader
+from cycle.data import stage_loaders
 from cycle.health import HealthMonitor
 from cycle.logger import build_logger
 from cycle.training import Trainer, resolve_device
@@ -112,14 +112,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     variant = str(cfg.edgeface.variant)
     store = ArtifactStore(cfg.paths.artifacts_dir, cfg.res)
 
-    splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    splits, train_loader, val_loader = stage_loaders(cfg, None)  # None: HR faces only
     train_set = splits["train"]
-    pk = tuple(t.pk) if t.get("pk") else None
-    # res=None: HR faces only, the loader skips the degradation
-    common = dict(batch_size=int(t.batch_size), res=None, degradation=cfg.degradation,
-                  num_workers=int(t.num_workers), seed=int(cfg.seed))
-    train_loader = make_loader(train_set, train=True, pk=pk, augment=cfg.data.augment, **common)
-    val_loader = make_loader(splits["val"], train=False, **common)
 
     backbone = edgeface.build(variant, quantized=False).to(device)  # `_q`: its float full-rank network
     head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
