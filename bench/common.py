@@ -15,25 +15,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from omegaconf import open_dict
+from torch.utils.data import DataLoader
+
+from cycle import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(overrides: list[str] | None = None):
     """conf/train.yaml composed with `overrides`, paths rooted at the repository (as train.py does)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    import cycle.config  # noqa: F401  (registers the typed schema)
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-            cfg = hydra_compose("train", overrides=list(overrides or []))
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = config.compose(overrides or [])
     with open_dict(cfg):
         cfg.paths.root = str(ROOT)
     return cfg
@@ -80,6 +72,22 @@ def interleaved(steps: dict[str, Callable[[], object]], device: torch.device, re
         if budget_s is not None and i + 1 >= min_reps and sum(map(sum, times.values())) > budget_s:
             break
     return times
+
+
+def loader_throughput(loader: DataLoader, batches: int = 30, warmup: int = 2) -> float:
+    """Samples per second of iterating `loader` (after `warmup` batches, which include worker start-up)."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        n += len(batch["index"])
+    return n / (time.perf_counter() - t0)
 
 
 def median(xs: list[float]) -> float:

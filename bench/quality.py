@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, fmt, machine, md_table
+from cycle.config import RESOLUTIONS as CONFIG_RESOLUTIONS
 
 DATA = ("synthetic", "orl")
-RESOLUTIONS = (16, 24, 32)
+RESOLUTIONS = tuple(int(r) for r in CONFIG_RESOLUTIONS)
 # (results.json metric, header, format), as in the evaluation report
 COLUMNS = (("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".4f"), ("auc", "AUC", ".4f"), ("eer", "EER", ".4f"),
            ("tar@far=1e-3", "TAR@FAR=1e-3", ".4f"), ("tar@far=1e-2", "TAR@FAR=1e-2", ".4f"),

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import (PeakMemory, compose, fmt, interleaved, machine, matmul_peak, md_table, median,
-                          time_steps)
+from bench.common import (PeakMemory, compose, fmt, interleaved, loader_throughput, machine, matmul_peak, md_table,
+                          median, time_steps)
 
 STAGES = ("initial", "cyclic", "edgeface_ft", "edgeface_pretrain")
 TINY_DSR = {"channels": 8, "num_blocks": 1, "up_channels": [8, 8]}  # --quick: same code, toy sizes
@@ -114,7 +114,8 @@ def build_stage_step(stage: str, cfg, *, batch: int, device: torch.device, num_c
     import edgeface
     from cycle.config import to_plain
     from cycle.training import EMA
-    from dsr.losses import DSRLoss, freeze
+    from cycle.models import freeze
+    from dsr.losses import DSRLoss
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
@@ -261,7 +262,7 @@ def bench_loader(workers: tuple[int, ...] = (0, 2), *, batch: int = 64, res: int
                  warmup: int = 2, reps: int = 3, data_overrides: tuple[str, ...] = (),
                  cache_dir: str | None = None) -> dict:
     """Samples/s of the synthetic training split's loader (augmentation + degradation) per worker count."""
-    from cycle.data import build_splits, loader_throughput, make_loader
+    from cycle.data import build_splits, make_loader
 
     cfg = compose(["data=synthetic", *data_overrides])
     t0 = time.perf_counter()

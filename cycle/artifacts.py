@@ -2,7 +2,7 @@
 
 Layout: `<artifacts_dir>/res<r>/<name>.pt` beside `<name>.json` (the manifest:
 config, metrics, parent artifacts, code version, time). Publishing over an
-existing artifact moves the old pair into `history/` first: nothing is ever
+existing artifact moves the old pair into `history/` first (`cycle.files.move_aside`): nothing is ever
 silently overwritten.
 """
 from __future__ import annotations
@@ -10,28 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_method
 from omegaconf import DictConfig
+from torch import nn
 
 from cycle.checkpoint import load_checkpoint, save_checkpoint
 from cycle.config import to_plain
+from cycle.files import HISTORY, move_aside
+from cycle.stages import STAGE, producer, producer_command
 
 log = logging.getLogger(__name__)
-
-# Which stage produces each artifact, so a missing input names the command to run.
-PRODUCERS = {
-    "edgeface_pretrained": "edgeface_pretrain",
-    "dsr_initial": "initial",
-    "edgeface_ft": "edgeface_ft",
-    "dsr_cyclic": "cyclic",
-    "edgeface_ft2": "edgeface_ft stage.cycle_index=2",
-    "dsr_cyclic2": "cyclic stage.cycle_index=2",
-}
 
 
 class MissingArtifact(FileNotFoundError):
@@ -62,12 +55,9 @@ class ArtifactStore:
     def require(self, name: str) -> Path:
         p = self.path(name)
         if not p.is_file():
-            stage = PRODUCERS.get(name, "the stage that produces it")
             raise MissingArtifact(
                 f"missing artifact '{name}' for res={self.res} (looked for {p}). "
-                f"Run it first: python train.py stage={stage.split()[0]} res={self.res}"
-                + (f" {' '.join(stage.split()[1:])}" if " " in stage else "")
-                + " (with the same data/experiment/paths settings)")
+                f"Run it first: {producer_command(name, self.res)} (with the same data/experiment/paths settings)")
         return p
 
     def load(self, name: str, map_location="cpu") -> dict[str, Any]:
@@ -82,14 +72,7 @@ class ArtifactStore:
                 run_dir: str | os.PathLike | None = None) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         target = self.path(name)
-        if target.exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            hist = self.dir / "history"
-            hist.mkdir(exist_ok=True)
-            for src in (target, target.with_suffix(".json")):
-                if src.exists():
-                    shutil.move(str(src), hist / f"{src.stem}.{stamp}{src.suffix}")
-            log.warning("artifact %s existed: previous version moved to %s", target, hist)
+        move_aside([target, target.with_suffix(".json")], self.dir / HISTORY, flat=True)
         if isinstance(cfg, DictConfig):
             cfg = to_plain(cfg)
         manifest = {
@@ -110,19 +93,15 @@ class ArtifactStore:
         return target
 
 
-def cycle_artifacts(index: int) -> dict[str, str]:
-    """Artifact names read and written by cycle `index` (1, 2, ...).
+def load_model(cfg: DictConfig, store: ArtifactStore, name: str | None) -> nn.Module:
+    """The network of artifact `name` (eval mode, CPU), built by its stage's `loader` from the stage table.
 
-    Cycle 1 fine-tunes EdgeFace from the pretrained one on `dsr_initial` outputs and
-    continues that DSR; cycle k > 1 starts from cycle k-1's EdgeFace and DSR.
+    name=None: the official EdgeFace weights (`edgeface.weights`), loaded like `edgeface_pretrained`.
     """
-    if index < 1:
-        raise ValueError(f"cycle index must be >= 1, got {index}")
-    sfx = "" if index == 1 else str(index)
-    prev = "" if index <= 2 else str(index - 1)
-    return {
-        "dsr_in": "dsr_initial" if index == 1 else f"dsr_cyclic{prev}",
-        "edgeface_in": "edgeface_pretrained" if index == 1 else f"edgeface_ft{prev}",
-        "edgeface_out": f"edgeface_ft{sfx}",
-        "dsr_out": f"dsr_cyclic{sfx}",
-    }
+    if name is None:
+        path, spec = str(cfg.edgeface.weights), STAGE["edgeface_pretrain"]
+        log.info("pretrained EdgeFace: official weights %s (%s)", path, cfg.edgeface.variant)
+    else:
+        path, spec = store.require(name), producer(name)[0]
+        log.info("%s from artifact %s", spec.kind, path)
+    return get_method(spec.loader)(cfg, path).eval()

@@ -1,29 +1,62 @@
-"""Typed top-level schema of the train config.
+"""Typed top-level schema of the train config, and `compose()` for code that is not `train.py`.
 
-`res` is a string-valued enum: `res=32` typed on the command line arrives as the
-int 32 and is accepted, `res=20` fails at composition listing 16, 24, 32. Every
-top-level key is declared, so a typo at the top level fails too.
+`res` and `stage` are string-valued enums built from `RESOLUTIONS` and the stage table: `res=32` typed
+on the command line arrives as the int 32 and is accepted, `res=20` fails at composition listing 16,
+24, 32, and an unknown `stage=` lists the stages. Every top-level key is declared, so a typo at the top
+level fails too. The schema is registered by the Hydra plugin in `hydra_plugins/vlr_cyclic` (Hydra
+imports it before composing), so no project import is needed first.
 """
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
-RESOLUTIONS = ("16", "24", "32")
+from cycle.stages import STAGE_NAMES
+
+RESOLUTIONS = ("16", "24", "32")  # the one list of supported VLR sizes
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class _ResBase(StrEnum):
+class _ByValue(StrEnum):
     @classmethod
     def _missing_(cls, value):  # OmegaConf converts ints by value: 32 -> "32"
         return cls.__members__.get(str(value))
 
 
-Res = _ResBase("Res", [(r, r) for r in RESOLUTIONS])
+Res = _ByValue("Res", [(r, r) for r in RESOLUTIONS])
+StageName = _ByValue("StageName", [(s, s) for s in STAGE_NAMES])
+
+
+def check_res(res) -> str:
+    """`res` as its config string ('16'); anything else names the supported sizes."""
+    key = str(getattr(res, "value", res)).strip()
+    if isinstance(res, bool) or key not in RESOLUTIONS:
+        raise ValueError(f"res={res!r} is not supported; choose one of {', '.join(RESOLUTIONS)}")
+    return key
+
+
+@dataclass
+class CycleSchema:
+    cycles: Any = 1
+    min_gain: float = 0.10
+    metric: str = "val/tar@far=1e-2"
+    force_third: bool = False
+    skip: list = field(default_factory=list)
+    eval: bool = True
+    index: int = 1
 
 
 @dataclass
 class TrainSchema:
+    stage: StageName = StageName["cycle"]
     res: Res = Res["16"]
     seed: int = 42
     device: str = "auto"
@@ -31,17 +64,16 @@ class TrainSchema:
     dry_run: bool = False
     resume: bool = True
     compile: bool = False
+    cycle: CycleSchema = field(default_factory=CycleSchema)
     paths: Any = None
     resolutions: Any = None
     degradation: Any = None
-    stage: Any = None
     stages: Any = None
     data: Any = None
     dsr: Any = None
     edgeface: Any = None
     logger: Any = None
     trainer: Any = None
-    cycle: Any = None
     eval: Any = None
     loss: Any = None
     local: Any = None
@@ -52,11 +84,21 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
 
 
-register()
+def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False,
+            config_name: str = "train") -> DictConfig:
+    """Compose `conf/train.yaml` with command-line style overrides, outside `train.py`.
+
+        from cycle.config import compose
+        cfg = compose(["stage=cyclic", "res=32", "data=orl"])
+
+    The one composition helper tests, benchmarks and notebooks share. It clears and restores nothing
+    else: any Hydra instance initialised before is replaced.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def to_plain(node) -> Any:
     """A config node as plain Python (resolved; enums as strings): safe for JSON, wandb, checkpoints."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

@@ -1,9 +1,11 @@
-"""`stage=cycle`: the whole method for one resolution, in one process.
+"""Running stages: `run_stage` dispatches `stage=<name>`; `run` is `stage=cycle`, the whole method for
+one resolution in one process.
 
 [edgeface_pretrain] -> initial -> edgeface_ft -> cyclic [-> edgeface_ft2 -> cyclic2] -> eval, each stage in
-its own sub-directory of the run. A stage whose artifact was published by this very run directory
-is done and skipped, so re-running the command after a crash resumes where it stopped (inside a
-stage, the trainer resumes from that stage's checkpoints/last.pt).
+its own sub-directory of the run; the order, inputs and outputs come from the stage table
+(`cycle.stages`). A stage whose artifact was published by this very run directory is done and skipped,
+so re-running the command after a crash resumes where it stopped (inside a stage, the trainer resumes
+from that stage's checkpoints/last.pt).
 """
 from __future__ import annotations
 
@@ -15,15 +17,20 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, open_dict
 
-from cycle.artifacts import ArtifactStore, cycle_artifacts
+from cycle.artifacts import ArtifactStore
+from cycle.stages import (EVALUATION, PIPELINE, PRETRAINED_EDGEFACE, STAGES, stage_inputs, stage_settings,
+                          stage_spec, uses_official_weights)
 
 log = logging.getLogger(__name__)
 
-STAGE_FNS = {
-    "edgeface_pretrain": "edgeface.pretrain.run",
-    "initial": "dsr.stage.run_initial",
-    "edgeface_ft": "edgeface.finetune.run",
-    "cyclic": "dsr.stage.run_cyclic",
+EVAL_STEP = "eval"
+# What a plan shows of each stage's settings: label -> key path in the (merged) stage settings.
+_SHOWN = {
+    "dsr": {"epochs": "epochs", "lr": "lr", "lambda_identity": "loss.identity",
+            "lambda_feature_match": "loss.feature_match", "lambda_pixel": "loss.pixel"},
+    "edgeface": {"epochs": "epochs", "phase1_epochs": "phase1_epochs", "phase2_epochs": "phase2_epochs",
+                 "lr": "lr", "backbone_lr_mult": "backbone_lr_mult", "lambda_align": "lambda_align",
+                 "head": "head", "select": "select"},
 }
 
 
@@ -37,54 +44,46 @@ class Step:
 
     @property
     def dirname(self) -> str:
-        return self.stage if self.cycle_index == 1 else f"{self.stage}{self.cycle_index}"
+        return EVAL_STEP if self.stage == EVAL_STEP else stage_spec(self.stage).label(self.cycle_index)
 
 
-def stage_settings(cfg: DictConfig, stage: str, cycle_index: int = 1) -> dict:
-    """The key hyper-parameters a stage will use (resolved), for plans and manifests."""
-    if stage == "eval":
+def _shown(cfg: DictConfig, stage: str, cycle_index: int) -> dict:
+    """The key hyper-parameters a stage will use (resolved), for plans."""
+    if stage == EVAL_STEP:
         return {"num_pairs": cfg.eval.num_pairs, "split": cfg.eval.split}
-    s = cfg.stages[stage]
-    if stage in ("initial", "cyclic"):
-        out = {"epochs": s.epochs, "lr": s.lr, "lambda_identity": s.loss.identity,
-               "lambda_feature_match": s.loss.feature_match, "lambda_pixel": s.loss.pixel}
-        if stage == "cyclic" and cycle_index > 1:
-            sc = s.second_cycle
-            out.update(epochs=sc.epochs, lr=sc.lr, lambda_identity=sc.lambda_identity,
-                       lambda_feature_match=sc.lambda_feature_match)
-        return out
-    if stage == "edgeface_ft":
-        p = s.second_cycle if cycle_index > 1 else s
-        return {"phase1_epochs": p.phase1_epochs, "phase2_epochs": p.phase2_epochs, "lr": s.lr,
-                "backbone_lr_mult": s.backbone_lr_mult, "lambda_align": s.lambda_align, "select": s.select}
-    return {"epochs": s.epochs, "lr": s.lr, "head": s.head, "variant": cfg.edgeface.variant}
-
-
-def supervisor_source(cfg: DictConfig) -> str:
-    return str(cfg.edgeface.weights) if cfg.edgeface.get("weights") else "edgeface_pretrained"
+    s = stage_settings(cfg, stage, cycle_index)
+    out = {}
+    for label, path in _SHOWN[stage_spec(stage).kind].items():
+        node = s
+        for part in path.split("."):
+            node = node.get(part) if node is not None else None
+        if node is not None:
+            out[label] = node
+    return out
 
 
 def step_for(cfg: DictConfig, stage: str, cycle_index: int = 1) -> Step:
-    names = cycle_artifacts(cycle_index)
-    pre = supervisor_source(cfg)
-    io = {
-        "edgeface_pretrain": ([], "edgeface_pretrained"),
-        "initial": ([pre], "dsr_initial"),
-        "edgeface_ft": ([names["dsr_in"], pre if cycle_index == 1 else names["edgeface_in"]], names["edgeface_out"]),
-        "cyclic": ([names["dsr_in"], names["edgeface_out"]], names["dsr_out"]),
-        "eval": ([], None),
-    }[stage]
-    return Step(stage, cycle_index, io[0], io[1], stage_settings(cfg, stage, cycle_index))
+    if stage == EVAL_STEP:
+        return Step(EVAL_STEP, cycle_index, [], None, _shown(cfg, stage, cycle_index))
+    spec = stage_spec(stage)
+    k = cycle_index if spec.repeats else 1
+    inputs = [name or str(cfg.edgeface.weights) for name in stage_inputs(cfg, stage, k)]
+    return Step(stage, k, inputs, spec.artifact(k), _shown(cfg, stage, k))
 
 
 def plan(cfg: DictConfig, cycles: int = 1) -> list[Step]:
-    steps = [] if cfg.edgeface.get("weights") else [step_for(cfg, "edgeface_pretrain")]
-    for i in range(1, cycles + 1):
-        if i == 1:
-            steps.append(step_for(cfg, "initial"))
-        steps += [step_for(cfg, "edgeface_ft", i), step_for(cfg, "cyclic", i)]
+    """Every stage of the table in order for cycles 1..cycles (non-repeating ones in cycle 1 only; no
+    EdgeFace pretraining with official weights), then the evaluation."""
+    steps = []
+    for k in range(1, cycles + 1):
+        for spec in STAGES:
+            if k > 1 and not spec.repeats:
+                continue
+            if spec.output == PRETRAINED_EDGEFACE and uses_official_weights(cfg):
+                continue
+            steps.append(step_for(cfg, spec.name, k))
     if cfg.cycle.eval:
-        steps.append(step_for(cfg, "eval"))
+        steps.append(step_for(cfg, EVAL_STEP))
     return steps
 
 
@@ -116,8 +115,20 @@ def _cycles(cfg: DictConfig) -> int | str:
 def sub_config(cfg: DictConfig, stage: str, cycle_index: int) -> DictConfig:
     sub = copy.deepcopy(cfg)  # a stage must not alter the pipeline's config
     with open_dict(sub):
-        sub.stage = {"name": stage, "fn": STAGE_FNS[stage], "cycle_index": cycle_index}
+        sub.stage = stage
+        sub.cycle.index = cycle_index
     return sub
+
+
+def run_stage(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
+    """Call the function the stage table names for `cfg.stage`: `run(cfg, out_dir) -> metrics`."""
+    name = str(cfg.stage)
+    dotted = f"{__name__}.run" if name == PIPELINE else stage_spec(name).fn
+    try:
+        fn = get_method(dotted)
+    except Exception as e:
+        raise NotImplementedError(f"stage '{name}' is not available: {dotted} could not be loaded ({e})") from e
+    return fn(cfg, Path(out_dir))
 
 
 def run_step(cfg: DictConfig, step: Step, out_dir: Path) -> dict[str, float]:
@@ -129,10 +140,9 @@ def run_step(cfg: DictConfig, step: Step, out_dir: Path) -> dict[str, float]:
         log.info("%s: using existing artifact %s", step.dirname, store.path(step.output))
         return store.manifest(step.output).get("metrics", {})
     log.info("==> %s (res=%s) -> %s", step.dirname, cfg.res, sub_dir)
-    if step.stage == "eval":
-        from eval.report import evaluate
-        return evaluate(cfg, sub_dir, resolutions=[str(cfg.res)])
-    return get_method(STAGE_FNS[step.stage])(sub_config(cfg, step.stage, step.cycle_index), sub_dir)
+    if step.stage == EVAL_STEP:
+        return get_method(EVALUATION)(cfg, sub_dir, resolutions=[str(cfg.res)])
+    return run_stage(sub_config(cfg, step.stage, step.cycle_index), sub_dir)
 
 
 def _published_here(store: ArtifactStore, name: str, sub_dir: Path) -> bool:
@@ -150,11 +160,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         return {}
     log.info("\n%s", format_plan(cfg, steps))
     results: dict[str, dict[str, float]] = {}
-    evals = [s for s in steps if s.stage == "eval"]
-    for step in [s for s in steps if s.stage != "eval"]:
+    evals = [s for s in steps if s.stage == EVAL_STEP]
+    for step in [s for s in steps if s.stage != EVAL_STEP]:
         results[step.dirname] = run_step(cfg, step, out_dir)
     if cycles == "auto" and _second_cycle_pays(cfg, results):
-        for step in (step_for(cfg, "edgeface_ft", 2), step_for(cfg, "cyclic", 2)):
+        for step in [s for s in plan(cfg, 2) if s.cycle_index == 2]:
             results[step.dirname] = run_step(cfg, step, out_dir)
     final: dict[str, float] = {}
     for step in evals:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle.models import freeze
+
 TERMS = ("pixel", "perceptual", "identity", "cross_identity", "feature_match", "tv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,18 +37,6 @@ _VGG19_NAMES = [
     "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "conv5_4", "relu5_4", "pool5",
 ]
 VGG19_LAYERS = {name: i for i, name in enumerate(_VGG19_NAMES)}
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode and requires_grad False on every parameter; returns the module.
-
-    Gradients still flow THROUGH the module to its inputs; only its own weights (and, in
-    eval mode, BatchNorm running statistics) stay fixed.
-    """
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 def _is_quantized(module: nn.Module) -> bool:

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle.config import check_res
+from cycle.flops import gflops_per_image
+
 OUT_SIZE = 112
-RESOLUTIONS = (16, 24, 32)
 
 
 def clamp_st(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -140,25 +141,13 @@ class DSR(nn.Module):
         return clamp_st(base + self.tail(y)).contiguous()
 
 
-def _res_key(res) -> str:
-    """16, '16' or an Enum member whose value is '16' -> '16'; anything else -> ValueError."""
-    value = res.value if isinstance(res, Enum) else res
-    try:
-        key = str(int(str(value).strip()))
-    except (TypeError, ValueError):
-        key = None
-    if key is None or int(key) not in RESOLUTIONS:
-        raise ValueError(f"res must be one of {', '.join(map(str, RESOLUTIONS))}; got {res!r}")
-    return key
-
-
 def build_dsr(res, arch: Mapping, **overrides) -> DSR:
     """Build the DSR for `res` from a per-resolution table {'16': {...}, '24': {...}, '32': {...}}.
 
     `overrides` (any DSR argument) win over the table: `+dsr.channels=32` on the command line
     changes every resolution, `dsr.arch.16.channels=32` one entry.
     """
-    key = _res_key(res)
+    key = check_res(res)
     table = {str(k): v for k, v in dict(arch).items()}
     if key not in table:
         raise ValueError(f"no DSR architecture for res={key} in the table (has {', '.join(table)})")
@@ -170,10 +159,8 @@ def build_dsr(res, arch: Mapping, **overrides) -> DSR:
 
 def describe(model: nn.Module, res: int) -> str:
     """One line: parameters and GFLOPs per image (forward, forward+backward) at this resolution."""
-    from cycle.flops import gflops_per_image
-
     n = sum(p.numel() for p in model.parameters())
-    r = int(_res_key(res))
+    r = int(check_res(res))
     fwd = gflops_per_image(model, (3, r, r), backward=False)
     train = gflops_per_image(model, (3, r, r), backward=True)
     return (f"{type(model).__name__} {r}px -> {OUT_SIZE}px: {n / 1e6:.3f}M parameters, "

@@ -13,123 +13,76 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cycle.artifacts import ArtifactStore, cycle_artifacts
 from cycle.config import to_plain
-from cycle.data import stage_loaders
 from cycle.degrade import upsample
 from cycle.health import HealthMonitor
-from cycle.logger import build_logger
-from cycle.training import EMA, Trainer, resolve_device
-from cycle.validation import verification
-from dsr.losses import DSRLoss, freeze
+from cycle.models import freeze
+from cycle.runner import StageRun
+from cycle.training import EMA
+from dsr.losses import DSRLoss
 from dsr.model import describe
-from edgeface.supervisor import load_supervisor
 from eval.metrics import psnr, ssim
+from eval.validation import verification
 
 log = logging.getLogger(__name__)
 
 
 def run_initial(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    return _run(cfg, Path(out_dir), "initial")
+    return DSRStage(cfg, out_dir, "initial").run()
 
 
 def run_cyclic(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    return _run(cfg, Path(out_dir), "cyclic")
+    return DSRStage(cfg, out_dir, "cyclic").run()
 
 
-def stage_hparams(cfg: DictConfig, kind: str, cycle_index: int) -> dict:
-    """Epochs, LR and loss weights of this stage (2nd-cycle values for cycle_index > 1)."""
-    s = cfg.stages[kind]
-    hp = {"epochs": int(s.epochs), "lr": float(s.lr), "loss": to_plain(s.loss)}
-    if kind == "cyclic" and cycle_index > 1:
-        sc = s.second_cycle
-        hp.update(epochs=int(sc.epochs), lr=float(sc.lr))
-        hp["loss"].update(identity=float(sc.lambda_identity), feature_match=float(sc.lambda_feature_match))
-    return hp
+class DSRStage(StageRun):
+    """`initial`: a new DSR supervised by the pretrained EdgeFace. `cyclic`: the previous cycle's DSR,
+    supervised by this cycle's fine-tuned EdgeFace (inputs and names: `cycle.stages`)."""
 
+    def build(self) -> None:
+        s, cfg = self.settings, self.cfg
+        if self.spec.name == "cyclic":
+            supervisor = self.load_input(1)
+            model = self.load_input(0)
+            self.reference = self.store.manifest(self.inputs[0]).get("metrics", {})
+        else:
+            supervisor = self.load_input(0)
+            model = instantiate(cfg.dsr)
+            self.reference = None
+        self.model = model.to(self.device)
+        self.supervisor = freeze(supervisor)
+        log.info("%s", describe(self.model, self.res))
+        self.loaders()
+        self.loss_fn = DSRLoss(self.supervisor, **to_plain(s.loss)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(s.lr), betas=tuple(s.betas),
+                                           weight_decay=float(s.weight_decay))
+        self.train_model = self.compiled(self.model)
+        self.modules, self.ema = {"dsr": self.model}, EMA(self.model, float(s.ema_decay))
+        self.select, self.mode = str(s.select), "max"
 
-def load_dsr(cfg: DictConfig, path: str | Path) -> torch.nn.Module:
-    """Build the configured DSR for cfg.res and load a published DSR artifact into it (strict)."""
-    from cycle.checkpoint import load_checkpoint
+    def step(self, batch):
+        lr_img = batch["lr"].to(self.device, non_blocking=True)
+        hr = batch["hr"].to(self.device, non_blocking=True)
+        sr = self.train_model(lr_img)
+        return self.loss_fn(sr, hr, batch["label"].to(self.device))
 
-    state = load_checkpoint(path)
-    if int(state.get("res", cfg.res)) != int(cfg.res):
-        raise ValueError(f"{path} is a DSR for res={state['res']}, not res={cfg.res}")
-    model = instantiate(cfg.dsr)
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not match the configured DSR architecture (cfg.dsr): {e}") from e
-    return model.eval()
+    def validate(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.trainer
+        out = evaluate_dsr(self.model, self.supervisor, self.loss_fn, self.val_loader, self.device,
+                           num_pairs=int(t.val_pairs), seed=int(self.cfg.seed), limit=t.get("limit_val_batches"))
+        if epoch % int(t.sample_every) == 0 or epoch + 1 == int(self.settings.epochs):
+            self.logger.log_images("samples/val", sample_grid(self.model, self.val_loader, self.device),
+                                   self.trainer.step, caption="VLR | bicubic | SR | HR")
+        return out
 
-
-def _run(cfg: DictConfig, out_dir: Path, kind: str) -> dict[str, float]:
-    device = resolve_device(cfg.device)
-    res = int(cfg.res)
-    idx = int(cfg.stage.get("cycle_index", 1)) if kind == "cyclic" else 1
-    names = cycle_artifacts(idx)
-    store = ArtifactStore(cfg.paths.artifacts_dir, res)
-    hp = stage_hparams(cfg, kind, idx)
-    s = cfg.stages[kind]
-    t = cfg.trainer
-    label = kind if idx == 1 else f"{kind}{idx}"
-
-    if kind == "cyclic":
-        dsr_path = store.require(names["dsr_in"])  # fails naming `stage=initial` when absent
-        sup_name = names["edgeface_out"]
-        supervisor = load_supervisor(cfg, store, sup_name)
-        model = load_dsr(cfg, dsr_path)
-        parents, out_name = [names["dsr_in"], sup_name], names["dsr_out"]
-        reference = store.manifest(names["dsr_in"]).get("metrics", {})
-    else:
-        supervisor = load_supervisor(cfg, store, None)
-        model = instantiate(cfg.dsr)
-        parents = [] if cfg.edgeface.get("weights") else ["edgeface_pretrained"]
-        out_name, reference = "dsr_initial", None
-    model = model.to(device)
-    supervisor = freeze(supervisor.to(device))
-    log.info("%s", describe(model, res))
-
-    _, train_loader, val_loader = stage_loaders(cfg, res)
-    loss_fn = DSRLoss(supervisor, **hp["loss"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=tuple(s.betas), weight_decay=float(s.weight_decay))
-    train_model = torch.compile(model) if cfg.get("compile") else model
-
-    logger = build_logger(cfg, out_dir, label)
-    try:
-        trainer = Trainer(tcfg={**to_plain(t), "warmup_frac": float(s.warmup_frac)},
-                          run_dir=out_dir, logger=logger, device=device, modules={"dsr": model}, optimizer=opt,
-                          epochs=hp["epochs"], steps_per_epoch=len(train_loader), tag=label,
-                          ema=EMA(model, float(s.ema_decay)), resume=bool(cfg.resume), health=HealthMonitor())
-
-        def step_fn(batch):
-            lr_img = batch["lr"].to(device, non_blocking=True)
-            hr = batch["hr"].to(device, non_blocking=True)
-            sr = train_model(lr_img)
-            loss, terms = loss_fn(sr, hr, batch["label"].to(device))
-            return loss, terms
-
-        def validate(epoch: int) -> dict[str, float]:
-            out = evaluate_dsr(model, supervisor, loss_fn, val_loader, device, num_pairs=int(t.val_pairs),
-                               seed=int(cfg.seed), limit=t.get("limit_val_batches"))
-            if epoch % int(t.sample_every) == 0 or epoch + 1 == hp["epochs"]:
-                logger.log_images("samples/val", sample_grid(model, val_loader, device), trainer.step,
-                                  caption="VLR | bicubic | SR | HR")
-            return out
-
-        result = trainer.fit(train_loader, step_fn, validate, select=str(s.select), mode="max",
-                             set_epoch=getattr(train_loader, "set_epoch", None))
-        metrics = trainer.load_best()
-        for code, msg in HealthMonitor().check_stage(result.history, reference=reference):
-            logger.warn(code, msg, trainer.step)
-        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        store.publish(out_name, {"format": "dsr", "res": res, "model": model.state_dict(),
-                                 "arch": to_plain(cfg.dsr)},
-                      cfg=cfg, metrics=metrics, parents=parents, run_dir=out_dir)
-        logger.summary(metrics)
+    def fit(self) -> dict[str, float]:
+        metrics = super().fit()
+        for code, msg in HealthMonitor().check_stage(self.result.history, reference=self.reference):
+            self.logger.warn(code, msg, self.trainer.step)
         return metrics
-    finally:
-        logger.close()
+
+    def payload(self) -> dict:
+        return {"format": "dsr", "res": self.res, "model": self.model.state_dict(), "arch": to_plain(self.cfg.dsr)}
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
 """Stage `edgeface_ft`: EdgeFace fine-tuned on the outputs of a frozen DSR.
 
-Cycle 1 (`stage.cycle_index=1`) starts from the pretrained EdgeFace (`edgeface.weights`, else the
+Cycle 1 (`cycle.index=1`) starts from the pretrained EdgeFace (`edgeface.weights`, else the
 `edgeface_pretrained` artifact) on outputs of `dsr_initial` and publishes `edgeface_ft`; cycle 2 starts
 from `edgeface_ft` on outputs of `dsr_cyclic` and publishes `edgeface_ft2` (`stages.edgeface_ft.second_cycle`
-epochs). Names come from `cycle.artifacts.cycle_artifacts`.
+epochs). Inputs and names come from the stage table, `cycle.stages`.
 
 Two phases, each its own Trainer (tags "phase1"/"phase2") in the same run directory, so a re-run resumes
 inside the phase that was running and skips a finished one (its done marker restores its final weights):
@@ -30,30 +30,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import edgeface
-from cycle.artifacts import ArtifactStore, cycle_artifacts
-from cycle.config import to_plain
-from cycle.data import stage_loaders
-from cycle.health import HealthMonitor
-from cycle.logger import build_logger
-from cycle.training import Trainer, resolve_device
-from cycle.validation import verification
-from dsr.losses import freeze
-from dsr.stage import load_dsr
+from cycle.models import freeze
+from cycle.runner import StageRun
 from edgeface.heads import build_head
 from edgeface.pretrain import SELECTABLE, SELECTION_KEY, edgeface_payload, margin_loss
 from edgeface.pretrain import selection_mode as _selection_mode
 from edgeface.pretrain import selection_value, train_accuracy
-from edgeface.supervisor import load_supervisor
+from eval.validation import verification
 
 log = logging.getLogger(__name__)
 
 _SELECTABLE = SELECTABLE | {"val/hr_auc"}
-
-
-def phase_epochs(cfg: DictConfig, cycle_index: int) -> tuple[int, int]:
-    s = cfg.stages.edgeface_ft
-    p = s.second_cycle if cycle_index > 1 else s
-    return int(p.phase1_epochs), int(p.phase2_epochs)
 
 
 def selection_mode(select: str) -> str:
@@ -132,93 +119,88 @@ class _StepOffset:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    out_dir = Path(out_dir)
-    device = resolve_device(cfg.device)
-    res = int(cfg.res)
-    idx = int(cfg.stage.get("cycle_index", 1))
-    names = cycle_artifacts(idx)
-    store = ArtifactStore(cfg.paths.artifacts_dir, res)
-    s, t = cfg.stages.edgeface_ft, cfg.trainer
-    p1_epochs, p2_epochs = phase_epochs(cfg, idx)
-    if p1_epochs < 0 or p2_epochs < 0 or p1_epochs + p2_epochs == 0:
-        raise ValueError(f"edgeface_ft needs phase1_epochs, phase2_epochs >= 0 and not both 0; got "
-                         f"{p1_epochs}, {p2_epochs}")
-    select = str(s.select)
-    mode = selection_mode(select)
-    label = "edgeface_ft" if idx == 1 else f"edgeface_ft{idx}"
-    lr, lambda_align = float(s.lr), float(s.lambda_align)
+    return FinetuneStage(cfg, out_dir, "edgeface_ft").run()
 
-    # Inputs first, DSR before EdgeFace: a missing one fails here naming the stage to run.
-    dsr_path = store.require(names["dsr_in"])
-    ef_in = names["edgeface_in"] if idx > 1 else None  # None: official weights or `edgeface_pretrained`
-    backbone = load_supervisor(cfg, store, ef_in).to(device)  # float copy even for `_q` variants
-    dsr = freeze(load_dsr(cfg, dsr_path).to(device))
-    official = idx == 1 and cfg.edgeface.get("weights")  # a file outside the store: no parent artifact
-    parents = [names["dsr_in"]] + ([] if official else [names["edgeface_in"]])
 
-    splits, train_loader, val_loader = stage_loaders(cfg, res)
-    train_set = splits["train"]
-    head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
-    head = build_head(head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
-                      scale=head_cfg["scale"], margin=head_cfg["margin"]).to(device)
-    net = torch.compile(backbone) if cfg.get("compile") else backbone
-    log.info("%s: %s from %s on outputs of %s; %s head over %d identities; phases %d + %d epochs",
-             label, backbone.variant, ef_in or parents[-1], names["dsr_in"], head_cfg["name"],
-             train_set.num_classes, p1_epochs, p2_epochs)
+class FinetuneStage(StageRun):
+    """Inputs (stage table order): the DSR whose outputs it trains on, the EdgeFace it starts from."""
 
-    def make_step(train_backbone: bool):
+    def check(self) -> None:
+        s = self.settings
+        self.p1_epochs, self.p2_epochs = int(s.phase1_epochs), int(s.phase2_epochs)
+        if self.p1_epochs < 0 or self.p2_epochs < 0 or self.p1_epochs + self.p2_epochs == 0:
+            raise ValueError(f"edgeface_ft needs phase1_epochs, phase2_epochs >= 0 and not both 0; got "
+                             f"{self.p1_epochs}, {self.p2_epochs}")
+        self.select_metric = str(s.select)
+        self.mode = selection_mode(self.select_metric)
+
+    def build(self) -> None:
+        s = self.settings
+        self.backbone = self.load_input(1)  # float copy even for `_q` variants
+        self.dsr = freeze(self.load_input(0))
+        self.loaders()
+        train_set = self.splits["train"]
+        self.head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
+        self.head = build_head(self.head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
+                               scale=self.head_cfg["scale"], margin=self.head_cfg["margin"]).to(self.device)
+        self.net = self.compiled(self.backbone)
+        self.modules = {"backbone": self.backbone, "head": self.head}
+        self.fallback_noted: list[str] = []
+        log.info("%s: %s from %s on outputs of %s; %s head over %d identities; phases %d + %d epochs",
+                 self.label, self.backbone.variant, self.inputs[1] or "edgeface.weights", self.inputs[0],
+                 self.head_cfg["name"], train_set.num_classes, self.p1_epochs, self.p2_epochs)
+
+    def make_step(self, train_backbone: bool):
+        lambda_align = float(self.settings.lambda_align)
+
         def step_fn(batch):
-            lr_img = batch["lr"].to(device, non_blocking=True)
-            hr = batch["hr"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
+            lr_img = batch["lr"].to(self.device, non_blocking=True)
+            hr = batch["hr"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True)
             with torch.no_grad():  # frozen DSR: its outputs are this stage's inputs, no graph needed
-                sr = dsr(lr_img)
-            return ft_loss(net, head, sr, hr, labels, lambda_align=lambda_align,
+                sr = self.dsr(lr_img)
+            return ft_loss(self.net, self.head, sr, hr, labels, lambda_align=lambda_align,
                            train_backbone=train_backbone)
         return step_fn
 
-    fallback_noted = []
-
-    def validate(epoch: int) -> dict[str, float]:
-        out = evaluate_sr(dsr, backbone, val_loader, device, num_pairs=int(t.val_pairs),
-                          seed=int(cfg.seed), limit=t.get("limit_val_batches"))
-        out[SELECTION_KEY], used = selection_value(out, select, mode)
-        if used != select and not fallback_noted:
-            fallback_noted.append(used)
+    def validate(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.trainer
+        out = evaluate_sr(self.dsr, self.backbone, self.val_loader, self.device, num_pairs=int(t.val_pairs),
+                          seed=int(self.cfg.seed), limit=t.get("limit_val_batches"))
+        out[SELECTION_KEY], used = selection_value(out, self.select_metric, self.mode)
+        if used != self.select_metric and not self.fallback_noted:
+            self.fallback_noted.append(used)
             log.warning("%s is NaN on this validation set (too few impostor pairs: raise trainer.val_pairs "
-                        "or the validation identities); selecting by %s instead", select, used)
+                        "or the validation identities); selecting by %s instead", self.select_metric, used)
         return out
 
-    tcfg = {**to_plain(t), "warmup_frac": float(s.warmup_frac)}
-    health = HealthMonitor()  # one monitor: each warning once per stage, not once per phase
-    modules = {"backbone": backbone, "head": head}
-    trainer_args = dict(run_dir=out_dir, device=device, modules=modules, steps_per_epoch=len(train_loader),
-                        resume=bool(cfg.resume), health=health)
-    logger = build_logger(cfg, out_dir, label)
-    try:
-        done: list[tuple[Trainer, dict]] = []
+    def fit(self) -> dict[str, float]:
+        """Phase 1 (head only) then phase 2 (everything); publishes the better of the two."""
+        s, mode, loader = self.settings, self.mode, self.train_loader
+        lr = float(s.lr)
+        done: list[tuple] = []
         offset = 0
-        if p1_epochs:
-            backbone.requires_grad_(False)
-            opt1 = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=float(s.weight_decay))
+        if self.p1_epochs:
+            self.backbone.requires_grad_(False)
+            opt1 = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=float(s.weight_decay))
             # Phase-1 validation only at its end: the backbone is frozen and verification does not use the
             # head, so every phase-1 epoch would score the same (it is the input network's baseline).
-            ph1 = Trainer(tcfg={**tcfg, "val_every": p1_epochs}, logger=logger, optimizer=opt1,
-                          epochs=p1_epochs, tag="phase1", **trainer_args)
-            r1 = ph1.fit(train_loader, make_step(False), validate, select=SELECTION_KEY, mode=mode,
-                         set_epoch=getattr(train_loader, "set_epoch", None))
+            ph1 = self.make_trainer(modules=self.modules, optimizer=opt1, epochs=self.p1_epochs, tag="phase1",
+                                    val_every=self.p1_epochs)
+            r1 = ph1.fit(loader, self.make_step(False), self.validate, select=SELECTION_KEY, mode=mode,
+                         set_epoch=getattr(loader, "set_epoch", None))
             done.append((ph1, r1.best))
             offset = ph1.total_steps
-        if p2_epochs:
-            backbone.requires_grad_(True)
-            groups = [{"params": list(backbone.parameters()), "lr": lr * float(s.backbone_lr_mult)},
-                      {"params": list(head.parameters()), "lr": lr}]
+        if self.p2_epochs:
+            self.backbone.requires_grad_(True)
+            groups = [{"params": list(self.backbone.parameters()), "lr": lr * float(s.backbone_lr_mult)},
+                      {"params": list(self.head.parameters()), "lr": lr}]
             opt2 = torch.optim.AdamW(groups, lr=lr, weight_decay=float(s.weight_decay))
-            ph2 = Trainer(tcfg=tcfg, logger=_StepOffset(logger, offset), optimizer=opt2, epochs=p2_epochs,
-                          tag="phase2", **trainer_args)
+            ph2 = self.make_trainer(modules=self.modules, optimizer=opt2, epochs=self.p2_epochs, tag="phase2",
+                                    logger=_StepOffset(self.logger, offset))
             # continue the loader's epoch count so phase 2 does not replay phase 1's shuffles/augmentations
-            r2 = ph2.fit(train_loader, make_step(True), validate, select=SELECTION_KEY, mode=mode,
-                         set_epoch=lambda e: train_loader.set_epoch(e + p1_epochs))
+            r2 = ph2.fit(loader, self.make_step(True), self.validate, select=SELECTION_KEY, mode=mode,
+                         set_epoch=lambda e: loader.set_epoch(e + self.p1_epochs))
             done.append((ph2, r2.best))
 
         sign = 1.0 if mode == "max" else -1.0
@@ -231,19 +213,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         winner, best = max(reversed(done), key=lambda tb: score(tb[1]))
         if winner.tag == "phase1" and len(done) == 2:
             (ph2, best2) = done[1]
-            logger.warn("ft_no_gain",
-                        f"phase 2 never beat the input backbone on {select} (best {best2.get(SELECTION_KEY)} "
-                        f"vs {best.get(SELECTION_KEY)}): publishing the input backbone, phase-1 head. "
-                        "Remedy: lower stages.edgeface_ft.backbone_lr_mult or lambda_align, or train longer.",
-                        offset + ph2.step)
+            self.logger.warn(
+                "ft_no_gain",
+                f"phase 2 never beat the input backbone on {self.select_metric} (best {best2.get(SELECTION_KEY)} "
+                f"vs {best.get(SELECTION_KEY)}): publishing the input backbone, phase-1 head. "
+                "Remedy: lower stages.edgeface_ft.backbone_lr_mult or lambda_align, or train longer.",
+                offset + ph2.step)
         winner.load_best()
-        backbone.requires_grad_(False)
+        self.backbone.requires_grad_(False)
         metrics = {k: float(v) for k, v in best.items() if isinstance(v, (int, float))}
         metrics["selected_phase"] = 1.0 if winner.tag == "phase1" else 2.0
-        payload = edgeface_payload(backbone, head, train_set.num_classes, head_cfg)
-        store.publish(names["edgeface_out"], payload, cfg=cfg, metrics=metrics, parents=parents,
-                      run_dir=out_dir)
-        logger.summary(metrics)
         return metrics
-    finally:
-        logger.close()
+
+    def payload(self) -> dict:
+        return edgeface_payload(self.backbone, self.head, self.splits["train"].num_classes, self.head_cfg)

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from cycle.checkpoint import save_checkpoint
 from edgeface.backbones import VARIANTS, EdgeFace, _arch, dequantize, empty, quantize
 
 FORMAT = "edgeface"
@@ -255,8 +256,6 @@ def save(model: EdgeFace, path: str | os.PathLike, extra: dict | None = None) ->
 
     extra: more weights_only-safe entries (metrics, config, head state, ...) stored beside the weights.
     """
-    from cycle.checkpoint import save_checkpoint  # noqa: PLC0415 (cycle may import edgeface)
-
     extra = dict(extra or {})
     clash = {"format", "variant", "quantized", "state_dict"} & set(extra)
     if clash:

@@ -23,13 +23,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import edgeface
-from cycle.artifacts import ArtifactStore
-from cycle.config import to_plain
-from cycle.data import stage_loaders
-from cycle.health import HealthMonitor
-from cycle.logger import build_logger
-from cycle.training import Trainer, resolve_device
-from cycle.validation import embed_loader, verification
+from cycle.runner import StageRun
+from eval.validation import embed_loader, verification
 from edgeface.heads import build_head
 from edgeface.loader import FORMAT
 
@@ -99,60 +94,51 @@ def evaluate_hr(backbone: torch.nn.Module, loader, device: torch.device, *, num_
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    out_dir = Path(out_dir)
-    if cfg.edgeface.get("weights"):
-        raise ValueError(
-            f"stage edgeface_pretrain has nothing to do: edgeface.weights={cfg.edgeface.weights} is set, so "
-            "those official weights are the pretrained EdgeFace and the later stages load them directly. "
-            "Leave edgeface.weights unset (null) to pretrain one on the training identities instead.")
-    device = resolve_device(cfg.device)
-    s, t = cfg.stages.edgeface_pretrain, cfg.trainer
-    select = str(s.select)
-    mode = selection_mode(select)
-    variant = str(cfg.edgeface.variant)
-    store = ArtifactStore(cfg.paths.artifacts_dir, cfg.res)
+    return PretrainStage(cfg, out_dir, "edgeface_pretrain").run()
 
-    splits, train_loader, val_loader = stage_loaders(cfg, None)  # None: HR faces only
-    train_set = splits["train"]
 
-    backbone = edgeface.build(variant, quantized=False).to(device)  # `_q`: its float full-rank network
-    head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
-    head = build_head(head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
-                      scale=head_cfg["scale"], margin=head_cfg["margin"]).to(device)
-    opt = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=float(s.lr),
-                            weight_decay=float(s.weight_decay))
-    net = torch.compile(backbone) if cfg.get("compile") else backbone
-    log.info("edgeface_pretrain: %s (%d params), %s head over %d identities, %d train / %d val images",
-             variant, edgeface.count_parameters(backbone), head_cfg["name"], train_set.num_classes,
-             len(train_set), len(splits["val"]))
+class PretrainStage(StageRun):
+    hr_only = True
 
-    logger = build_logger(cfg, out_dir, "edgeface_pretrain")
-    try:
-        trainer = Trainer(tcfg={**to_plain(t), "warmup_frac": float(s.warmup_frac)}, run_dir=out_dir,
-                          logger=logger, device=device, modules={"backbone": backbone, "head": head},
-                          optimizer=opt, epochs=int(s.epochs), steps_per_epoch=len(train_loader),
-                          tag="edgeface_pretrain", resume=bool(cfg.resume), health=HealthMonitor())
+    def check(self) -> None:
+        if self.cfg.edgeface.get("weights"):
+            raise ValueError(
+                f"stage edgeface_pretrain has nothing to do: edgeface.weights={self.cfg.edgeface.weights} is set, "
+                "so those official weights are the pretrained EdgeFace and the later stages load them directly. "
+                "Leave edgeface.weights unset (null) to pretrain one on the training identities instead.")
+        self.select_metric = str(self.settings.select)
+        self.mode = selection_mode(self.select_metric)
 
-        def step_fn(batch):
-            hr = batch["hr"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            emb = net(hr)
-            loss = margin_loss(head, emb, labels)
-            return loss, {"margin": loss.detach(), "acc": train_accuracy(head, emb, labels)}
+    def build(self) -> None:
+        s = self.settings
+        self.loaders()
+        train_set = self.splits["train"]
+        variant = str(self.cfg.edgeface.variant)
+        self.backbone = edgeface.build(variant, quantized=False).to(self.device)  # `_q`: its float network
+        self.head_cfg = {"name": str(s.head), "scale": float(s.scale), "margin": float(s.margin)}
+        self.head = build_head(self.head_cfg["name"], edgeface.EMBEDDING_SIZE, train_set.num_classes,
+                               scale=self.head_cfg["scale"], margin=self.head_cfg["margin"]).to(self.device)
+        self.optimizer = torch.optim.AdamW([*self.backbone.parameters(), *self.head.parameters()], lr=float(s.lr),
+                                           weight_decay=float(s.weight_decay))
+        self.net = self.compiled(self.backbone)
+        self.modules, self.select = {"backbone": self.backbone, "head": self.head}, SELECTION_KEY
+        log.info("edgeface_pretrain: %s (%d params), %s head over %d identities, %d train / %d val images",
+                 variant, edgeface.count_parameters(self.backbone), self.head_cfg["name"], train_set.num_classes,
+                 len(train_set), len(self.splits["val"]))
 
-        def validate(epoch: int) -> dict[str, float]:
-            out = evaluate_hr(backbone, val_loader, device, num_pairs=int(t.val_pairs), seed=int(cfg.seed),
-                              limit=t.get("limit_val_batches"))
-            out[SELECTION_KEY], _ = selection_value(out, select, mode)
-            return out
+    def step(self, batch):
+        hr = batch["hr"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        emb = self.net(hr)
+        loss = margin_loss(self.head, emb, labels)
+        return loss, {"margin": loss.detach(), "acc": train_accuracy(self.head, emb, labels)}
 
-        trainer.fit(train_loader, step_fn, validate, select=SELECTION_KEY, mode=mode,
-                    set_epoch=getattr(train_loader, "set_epoch", None))
-        metrics = trainer.load_best()
-        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        store.publish(ARTIFACT, edgeface_payload(backbone, head, train_set.num_classes, head_cfg),
-                      cfg=cfg, metrics=metrics, parents=[], run_dir=out_dir)
-        logger.summary(metrics)
-        return metrics
-    finally:
-        logger.close()
+    def validate(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.trainer
+        out = evaluate_hr(self.backbone, self.val_loader, self.device, num_pairs=int(t.val_pairs),
+                          seed=int(self.cfg.seed), limit=t.get("limit_val_batches"))
+        out[SELECTION_KEY], _ = selection_value(out, self.select_metric, self.mode)
+        return out
+
+    def payload(self) -> dict:
+        return edgeface_payload(self.backbone, self.head, self.splits["train"].num_classes, self.head_cfg)

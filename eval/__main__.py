@@ -20,8 +20,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import cycle.config  # noqa: F401  (registers the typed schema before Hydra composes)
-from cycle.config import RESOLUTIONS
+from cycle.artifacts import MissingArtifact
+from cycle.config import check_res
+from cycle.data import DataError
+from cycle.runtime import prepare
+from eval.protocols import MissingImagesError
+from eval.report import EvaluationError, evaluate
 
 log = logging.getLogger("eval")
 
@@ -50,10 +54,13 @@ def translate_argv(argv: list[str]) -> list[str]:
         m = re.fullmatch(r"res=\[?([^\]]*)\]?", arg)
         if m and not multirun and ("," in arg or "[" in arg):
             values = [v.strip().strip("'\"") for v in m.group(1).split(",") if v.strip()]
-            bad = [v for v in values if v not in RESOLUTIONS]
-            if bad or not values:
-                raise UsageError(f"{arg}: resolution(s) {', '.join(bad) or '(none)'} not supported; "
-                                 f"choose from {', '.join(RESOLUTIONS)} (e.g. res=16,24,32)")
+            if not values:
+                raise UsageError(f"{arg}: no resolution given (e.g. res=16,24,32)")
+            for v in values:
+                try:
+                    check_res(v)
+                except ValueError as e:
+                    raise UsageError(f"{arg}: {e} (e.g. res=16,24,32)") from None
             out.append(f"eval.resolutions=[{','.join(values)}]")
         else:
             out.append(arg)
@@ -64,12 +71,6 @@ def translate_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from cycle.artifacts import MissingArtifact
-    from cycle.data import DataError
-    from eval.protocols import MissingImagesError
-    from eval.report import EvaluationError, evaluate
-    from train import prepare
-
     cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-import cycle.config  # noqa: F401  (registers the typed schema)
+from cycle.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -23,9 +20,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def compose_train(overrides: list[str] | None = None, tmp_path: Path | None = None,
                   return_hydra_config: bool = False) -> DictConfig:
     """Compose conf/train.yaml with `overrides`; outputs and caches under `tmp_path`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        cfg = compose("train", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+    cfg = compose(overrides or [], return_hydra_config=return_hydra_config)
     if tmp_path is not None:
         with open_dict(cfg):
             cfg.paths.root = str(ROOT)

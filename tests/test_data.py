@@ -1,6 +1,7 @@
 """Face data layer: degradation, splits, folder datasets, caches, loaders, bad input."""
 import logging
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from cycle.data import (
     DataError,
     FaceSet,
     build_splits,
-    loader_throughput,
     make_loader,
     pairable_identities,
     set_epoch,
@@ -23,6 +23,11 @@ from cycle.data import (
 from cycle.degrade import degrade, upsample
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import loader_throughput  # noqa: E402
+
 ORL = ROOT / "data" / "orl_faces"
 NOISY = {"down": "area", "noise_std": 0.05}
 
@@ -232,7 +237,7 @@ def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     _save(tmp_path / "r/a/2.png", np.full((8, 8, 3), 20, np.uint8))
     first = build_splits(_cfg(tmp_path / "r"), tmp_path / "c")["train"]
     assert Path(first.cache_path).parent == tmp_path / "c" / "faces"
-    import cycle.data as data_mod
+    import cycle.data.folder as data_mod
 
     monkeypatch.setattr(data_mod, "_decode_folder", lambda *a, **k: pytest.fail("cache not reused"))
     assert np.array_equal(build_splits(_cfg(tmp_path / "r"), tmp_path / "c")["train"].images, first.images)

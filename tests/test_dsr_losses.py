@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle.models import freeze
 from dsr.losses import (
     DSRLoss,
     charbonnier,
     feature_distance,
-    freeze,
     same_identity_partner,
     total_variation,
 )

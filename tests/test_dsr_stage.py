@@ -9,7 +9,8 @@ import edgeface
 from cycle.artifacts import ArtifactStore, MissingArtifact
 from cycle.checkpoint import load_checkpoint
 from cycle.logger import read_metrics
-from dsr.stage import load_dsr, run_cyclic, run_initial
+from cycle.models import load_dsr
+from dsr.stage import run_cyclic, run_initial
 
 
 def publish_edgeface(cfg, name, seed=0):
@@ -59,14 +60,14 @@ def test_initial_then_cyclic_loads_exactly_and_keeps_initial(smoke_cfg, tmp_path
 
 
 def test_cyclic_uses_per_resolution_and_second_cycle_values(smoke_cfg):
-    from dsr.stage import stage_hparams
+    from cycle.stages import stage_settings
     cfg = smoke_cfg("res=24")
     with open_dict(cfg):
         cfg.stages.cyclic.epochs = 50
-    hp1 = stage_hparams(cfg, "cyclic", 1)
-    hp2 = stage_hparams(cfg, "cyclic", 2)
-    assert (hp1["lr"], hp1["loss"]["identity"], hp1["loss"]["feature_match"]) == (8.5e-5, 0.65, 0.20)
-    assert (hp2["epochs"], hp2["lr"], hp2["loss"]["identity"], hp2["loss"]["feature_match"]) == (1, 5e-5, 0.70, 0.20)
+    hp1 = stage_settings(cfg, "cyclic", 1)
+    hp2 = stage_settings(cfg, "cyclic", 2)
+    assert (hp1.lr, hp1.loss.identity, hp1.loss.feature_match) == (8.5e-5, 0.65, 0.20)
+    assert (hp2.epochs, hp2.lr, hp2.loss.identity, hp2.loss.feature_match) == (1, 5e-5, 0.70, 0.20)
 
 
 def test_initial_resume_after_interruption_matches_uninterrupted(smoke_cfg, tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_ft_missing_inputs_name_the_stage(smoke_cfg, tmp_path):
 
 def test_ft_second_cycle_reads_cyclic_and_ft_writes_ft2(smoke_cfg, tmp_path, monkeypatch):
     second = "stages.edgeface_ft.second_cycle"
-    cfg = smoke_cfg("stage=edgeface_ft", "stage.cycle_index=2", f"{second}.phase1_epochs=2",
+    cfg = smoke_cfg("stage=edgeface_ft", "cycle.index=2", f"{second}.phase1_epochs=2",
                     f"{second}.phase2_epochs=0")
     publish_dsr(cfg, "dsr_cyclic")  # no dsr_initial / edgeface_pretrained: cycle 2 must not read them
     start = publish_edgeface(cfg, "edgeface_ft", seed=1)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cycle import synthetic
-from cycle.data import build_splits
+from cycle.data import build_splits, render
+from cycle.data.render import identity_params, render_face, render_many
 from cycle.degrade import degrade, upsample
-from cycle.synthetic import identity_params, render_face, render_many
 
 
 def test_render_is_deterministic_and_varies():
@@ -31,7 +30,7 @@ def test_parallel_render_equals_serial():
 
 
 def test_shapes_are_anti_aliased():
-    cv = synthetic._Canvas(112, (0.3, 1.0, 0.0, 0.0))
+    cv = render._Canvas(112, (0.3, 1.0, 0.0, 0.0))
     cov, box = cv.ellipse(3.0, -2.0, 20.0, 11.0, tilt=0.4)
     assert abs(cov.sum() - np.pi * 20 * 11) / (np.pi * 20 * 11) < 0.01  # coverage integrates to the area
     edge = (cov > 0) & (cov < 1)
@@ -100,7 +99,7 @@ def test_cache_keyed_by_generator_params(tmp_path, monkeypatch):
     assert len(files) == 3 and all(p.startswith("synthetic-") for p in files)
     assert np.array_equal(first["test"].images[1], render_face(0, int(first["test"].identities[0][2:]), 1, 3))
 
-    monkeypatch.setattr(synthetic, "render_many", lambda *a, **k: pytest.fail("cache not reused"))
+    monkeypatch.setattr(render, "render_many", lambda *a, **k: pytest.fail("cache not reused"))
     again = build_splits(_cfg(), tmp_path)
     assert all(np.array_equal(again[s].images, first[s].images) for s in first)
     monkeypatch.undo()

@@ -1,0 +1,178 @@
+"""Folder datasets (`data=folder`, `data=orl`): root/<identity>/<image>, scanned, split and decoded into the cache."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+from cycle.data.cache import CACHE_VERSION, _cache_paths, _commit, _faceset, _load_cached, _pool, _workers, _write_meta
+from cycle.data.faceset import FaceSet
+from cycle.data.options import DataError, _get, _int, _plain
+from cycle.data.splits import SPLITS, _select, split_identities
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _scan_folder(cfg: Mapping) -> tuple[Path, dict[str, list[str]]]:
+    """root/<identity>/<image> -> {identity: sorted image file names}; clear errors for bad layouts."""
+    value = _get(cfg, "root", None)
+    if not value:
+        raise DataError("data.root is required: pass data.root=/path/to/faces (one sub-folder per identity)")
+    root = Path(str(value)).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root={root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data.root={root} is not a directory (expected one sub-folder per identity)")
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
+                 for e in (_plain(_get(cfg, "extensions", None)) or IMAGE_EXTENSIONS))
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
+    dirs = [e for e in entries if e.is_dir()]
+    if not dirs:
+        loose = sum(1 for e in entries if e.is_file() and e.name.lower().endswith(exts))
+        if loose:
+            raise DataError(f"data.root={root} holds {loose} images but no identity sub-folders: "
+                            f"expected root/<identity>/<image>")
+        raise DataError(f"data.root={root} is empty: expected one sub-folder per identity")
+    found, ignored, empty = {}, [], []
+    for d in dirs:
+        files = sorted(f.name for f in os.scandir(d.path) if f.is_file() and not f.name.startswith("."))
+        images = [f for f in files if f.lower().endswith(exts)]
+        ignored += [f"{d.name}/{f}" for f in files if not f.lower().endswith(exts)]
+        if images:
+            found[d.name] = images
+        else:
+            empty.append(d.name)
+    if ignored:
+        log.info("data.root=%s: ignored %d non-image file(s), e.g. %s",
+                 root, len(ignored), ", ".join(ignored[:3]))
+    if not found:
+        raise DataError(f"data.root={root}: no image files ({', '.join(exts)}) in any of its {len(dirs)} "
+                        f"sub-folder(s); {len(ignored)} other file(s) ignored")
+    if empty:
+        log.warning("data.root=%s: %d identity folder(s) without images skipped: %s",
+                    root, len(empty), ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+    return root, found
+
+
+def load_image(path, size: int = 112, resize: str = "resize") -> np.ndarray:
+    """Any Pillow-readable image -> uint8 (size, size, 3). `resize`: 'resize' (whole image,
+    aspect not kept) or 'center_crop' (central square, then resize). Raises OSError/ValueError."""
+    with Image.open(path) as im:
+        im.load()  # decodes fully: truncated files fail here, not later
+        if im.mode.startswith("I;16") or im.mode in ("I", "F"):  # 16-bit/float greyscale: rescale, don't clip
+            arr = np.asarray(im, np.float32)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1e-6)
+            im = Image.fromarray((np.clip(arr / top, 0, 1) * 255 + 0.5).astype(np.uint8))
+        im = im.convert("RGB")
+        if resize == "center_crop":
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, np.uint8)
+
+
+def _decode_chunk(args):
+    paths, size, resize = args
+    out, errors = np.zeros((len(paths), size, size, 3), np.uint8), {}
+    for i, p in enumerate(paths):
+        try:
+            out[i] = load_image(p, size, resize)
+        except Exception as exc:  # any decoder failure = a corrupt file; the parent reports it
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    return out, errors
+
+
+def _decode_folder(npy: Path, root: Path, files: list[str], size: int, resize: str, workers: int):
+    """Decode into a temporary memmap; returns (memmap, its path, ok mask, {file: reason})."""
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_name(f"{npy.name}.tmp{os.getpid()}")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    chunk = 64
+    tasks = [([str(root / f) for f in files[i:i + chunk]], size, resize) for i in range(0, len(files), chunk)]
+    bad: dict[str, str] = {}
+    pool = _pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
+        for t, (block, errors) in enumerate(results):
+            arr[t * chunk:t * chunk + len(block)] = block
+            bad.update({files[t * chunk + i]: msg for i, msg in errors.items()})
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    ok = np.array([f not in bad for f in files], bool)
+    return arr, tmp, ok, bad
+
+
+def _report_skipped(root, skipped: list[list[str]], strict: bool) -> None:
+    if not skipped:
+        return
+    listed = "; ".join(f"{f} ({why})" for f, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+    if strict:
+        raise DataError(f"{len(skipped)} unreadable image file(s) under {root} and data.strict=true: "
+                        f"{listed}")
+    log.warning("skipped %d unreadable image file(s) under %s (data.strict=true makes this an error): %s",
+                len(skipped), root, listed)
+
+
+def _folder_split(cfg, cache_dir, root: Path, split: str, members: list[str], found, size, resize, strict):
+    files = [f"{m}/{f}" for m in members for f in found[m]]
+    if not files:  # a split configured to 0 identities
+        return FaceSet(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), [], [])
+    stats = []
+    for f in files:
+        st = os.stat(root / f)
+        stats.append([f, st.st_size, st.st_mtime_ns])
+    key = {"v": CACHE_VERSION, "root": str(root.resolve()), "size": size, "resize": resize, "files": stats}
+    name = str(_get(cfg, "name", "folder"))
+    npy, meta_path = _cache_paths(cache_dir, name, split, key)
+    cached = _load_cached(npy, meta_path)
+    if cached is not None:
+        _report_skipped(root, cached[1]["skipped"], strict)
+        return _faceset(*cached, npy, size)
+    t0 = time.perf_counter()
+    arr, tmp, ok, bad = _decode_folder(npy, root, files, size, resize, _workers(cfg, len(files)))
+    skipped = [[f, bad[f]] for f in files if f in bad]
+    if skipped and strict:
+        arr = None  # unmap before removing the file
+        tmp.unlink(missing_ok=True)
+    _report_skipped(root, skipped, strict)  # raises in strict mode
+    _commit(arr, tmp, ok, npy)
+    kept = [f for f, good in zip(files, ok) if good]
+    ident = [f.split("/", 1)[0] for f in kept]
+    identities = sorted(set(ident))
+    lost = [m for m in members if m not in set(identities)]
+    if lost:
+        log.warning("%s split: %d identities lost every image to decoding errors: %s",
+                    split, len(lost), lost[:5])
+    index = {m: i for i, m in enumerate(identities)}
+    meta = {"n": len(kept), "identities": identities, "labels": [index[i] for i in ident],
+            "files": kept, "skipped": skipped}
+    _write_meta(meta_path, meta)
+    log.info("%s %s: decoded %d images of %d identities in %.1f s -> %s",
+             name, split, len(kept), len(identities), time.perf_counter() - t0, npy)
+    return _faceset(np.load(npy, mmap_mode="r") if kept else None, meta, npy, size)
+
+
+def _folder_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
+    seed = _int(cfg, "seed", 0, 0)
+    size = _int(cfg, "image_size", 112, 16)
+    resize = _get(cfg, "resize", "resize")
+    if resize not in ("resize", "center_crop"):
+        raise DataError(f"data.resize={resize!r} must be 'resize' or 'center_crop'")
+    strict = bool(_get(cfg, "strict", False))
+    root, found = _scan_folder(cfg)
+    found = _select(cfg, found, seed)
+    parts = split_identities(list(found), _get(cfg, "split"), seed)
+    log.info("data.root=%s: %d identities, %d images; split train/val/test = %s identities", root, len(found),
+             sum(map(len, found.values())), "/".join(str(len(parts[s])) for s in SPLITS))
+    return {s: _folder_split(cfg, cache_dir, root, s, parts[s], found, size, resize, strict) for s in SPLITS}

@@ -1,0 +1,122 @@
+"""(VLR, HR) loaders: the `FacePairs` dataset, `make_loader` and the loaders every training stage uses.
+
+VLR images are made on the fly from the (augmented) HR image by `cycle.degrade`.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cycle.data.augment import _check_augment, augment_batch
+from cycle.data.faceset import FaceSet
+from cycle.data.options import DataError, _plain
+from cycle.data.samplers import EpochSampler, PKBatchSampler, _key_seed, set_epoch
+from cycle.data.sources import build_splits
+from cycle.degrade import check_res, degrade
+
+
+class FacePairs(Dataset):
+    """Map-style dataset over a FaceSet, keyed by the samplers' (index, epoch, slot).
+
+    Items are cheap (uint8 HR + a seed); `collate` does augmentation and degradation on the
+    whole batch, which is ~10x faster than per image on a busy CPU. Each image's randomness
+    comes from a generator seeded by its key, so a batch does not depend on the number of
+    workers, and evaluation noise depends on the sample index only.
+    """
+
+    def __init__(self, faces: FaceSet, res: int | None, degradation: Mapping | None, train: bool,
+                 augment: Mapping | None, seed: int):
+        self.faces, self.res, self.train, self.seed = faces, res, train, seed
+        self.degradation = _plain(degradation)
+        self.aug = _check_augment(augment) if train else None
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int, int, int]:
+        index, epoch, slot = key if isinstance(key, tuple) else (int(key), 0, 0)
+        seed = _key_seed(self.seed, epoch, slot, index, 1) if self.train else _key_seed(self.seed, index, 2)
+        hr = torch.from_numpy(np.array(self.faces.images[index])).permute(2, 0, 1)
+        return hr, int(self.faces.labels[index]), index, seed
+
+    def collate(self, items) -> dict[str, torch.Tensor]:
+        # One intra-op thread, as in DataLoader workers: these ops are too small to split, and on a
+        # busy 2-core machine a 2-thread barrier per op made loading ~10x slower (measured).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._collate(items)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _collate(self, items) -> dict[str, torch.Tensor]:
+        hr = torch.stack([it[0] for it in items]).float().div_(255.0)
+        gens = [torch.Generator().manual_seed(it[3]) for it in items]
+        if self.aug is not None and (self.aug["flip"] or self.aug["rotate_deg"] or self.aug["color_jitter"]):
+            hr = augment_batch(hr, self.aug, gens)
+        batch = {"hr": hr, "label": torch.tensor([it[1] for it in items], dtype=torch.int64),
+                 "index": torch.tensor([it[2] for it in items], dtype=torch.int64)}
+        if self.res is not None:
+            batch["lr"] = degrade(hr, self.res, self.degradation, generator=gens)
+        return batch
+
+
+class FaceLoader(DataLoader):
+    """A DataLoader with `set_epoch(e)`: pins the shuffle/augmentation epoch (e.g. after resume)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        set_epoch(self, epoch)
+
+
+def make_loader(faces: FaceSet, *, batch_size: int, res: int | None, degradation: Mapping | None, train: bool,
+                pk: tuple[int, int] | None = None, augment: Mapping | None = None, num_workers: int = 0,
+                seed: int = 0, drop_last: bool | None = None) -> FaceLoader:
+    """DataLoader of {"hr", "lr", "label", "index"} batches (see module doc). `loader.set_epoch(e)`
+    pins the epoch (resume); otherwise every pass over the loader advances it by one."""
+    if not isinstance(faces, FaceSet):
+        raise DataError(f"make_loader expects a FaceSet from build_splits, got {type(faces).__name__}")
+    if len(faces) == 0:
+        raise DataError("this split is empty: raise data.split or add identities")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    try:
+        res = None if res is None else check_res(res)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    dataset = FacePairs(faces, res, degradation, train, augment, seed)
+    dataset.collate([dataset[(0, 0, 0)]])  # fail here, in the caller's process, on a bad degradation config
+    kwargs = dict(num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=dataset.collate,
+                  pin_memory=torch.cuda.is_available())
+    if pk is not None:
+        if not train:
+            raise DataError("the P x K sampler is for training (train=True)")
+        p, k = (int(v) for v in pk)
+        if p < 1 or k < 1 or p * k != batch_size:
+            raise DataError(f"pk=({p}, {k}) needs batch_size = P*K = {p * k}, got batch_size={batch_size}")
+        return FaceLoader(dataset, batch_sampler=PKBatchSampler(faces.labels, p, k, seed), **kwargs)
+    if drop_last is None:
+        drop_last = train and len(faces) >= batch_size  # a split smaller than one batch still yields it
+    elif drop_last and len(faces) < batch_size:
+        raise DataError(f"drop_last=True with {len(faces)} samples < batch_size={batch_size} gives no batch")
+    return FaceLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(faces), seed, shuffle=train),
+                      drop_last=drop_last, **kwargs)
+
+
+def stage_loaders(cfg: Mapping, res: int | None) -> tuple[dict[str, FaceSet], DataLoader, DataLoader]:
+    """The splits and the (train, val) loaders every training stage uses, from the composed config.
+
+    res=None gives HR-only batches (EdgeFace pre-training).
+    """
+    t = cfg.trainer
+    splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    pk = tuple(t.pk) if t.get("pk") else None
+    common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
+                  num_workers=int(t.num_workers), seed=int(cfg.seed))
+    train = make_loader(splits["train"], train=True, pk=pk, augment=cfg.data.augment, **common)
+    val = make_loader(splits["val"], train=False, **common)
+    return splits, train, val

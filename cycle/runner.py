@@ -1,0 +1,129 @@
+"""The one stage runner: the set-up every training stage shares, written once.
+
+A stage subclasses `StageRun` and overrides only what is its own (the shape of BasicSR's `BaseModel`):
+
+    build()          models, loss, optimizer; call `self.loaders()` and `self.load_input(i)` where needed
+    step(batch)      -> (loss, {term: value}) for one training batch
+    validate(epoch)  -> {"val/...": value}
+    payload()        -> the plain dict of tensors it publishes
+    fit()            one `Trainer` over `self.modules` by default; a stage with phases overrides it
+
+`run()` does the rest in a fixed order: device, artifact store, the stage's settings (2nd-cycle values
+merged), its input artifacts (a missing one names the command that builds it), `build()`, the logger
+(closed in a `finally`), `fit()`, publishing the artifact with its manifest and parents.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from cycle.artifacts import ArtifactStore, load_model
+from cycle.config import to_plain
+from cycle.data import stage_loaders
+from cycle.health import HealthMonitor
+from cycle.logger import MetricsLogger, build_logger
+from cycle.stages import stage_inputs, stage_settings, stage_spec
+from cycle.training import EMA, Trainer, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class StageRun:
+    hr_only = False   # True: loaders of HR faces only, no degradation (EdgeFace pretraining)
+
+    def __init__(self, cfg: DictConfig, out_dir: str | Path, name: str):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.spec = stage_spec(name)
+        self.cycle_index = int(cfg.cycle.index) if self.spec.repeats else 1
+        if self.cycle_index < 1:
+            raise ValueError(f"cycle.index must be >= 1, got {self.cycle_index}")
+        self.label = self.spec.label(self.cycle_index)
+        self.settings = stage_settings(cfg, name, self.cycle_index)
+        self.inputs = stage_inputs(cfg, name, self.cycle_index)
+        self.output = self.spec.artifact(self.cycle_index)
+        self.res = int(cfg.res)
+        self.device: torch.device | None = None
+        self.store = ArtifactStore(cfg.paths.artifacts_dir, self.res)
+        self.health = HealthMonitor()
+        self.logger: MetricsLogger | None = None
+        # set by build() for the default fit()
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: EMA | None = None
+        self.select, self.mode = "val/loss", "min"
+
+    # ------------------------------------------------------------------ hooks
+    def check(self) -> None:
+        """Refuse a configuration this stage cannot run, before any work."""
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def payload(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fit(self) -> dict[str, float]:
+        """Train with one Trainer; returns the metrics of the selected (published) epoch."""
+        self.trainer = self.make_trainer(modules=self.modules, optimizer=self.optimizer,
+                                         epochs=int(self.settings.epochs), ema=self.ema)
+        self.result = self.trainer.fit(self.train_loader, self.step, self.validate, select=self.select,
+                                       mode=self.mode, set_epoch=getattr(self.train_loader, "set_epoch", None))
+        return self.trainer.load_best()
+
+    # ------------------------------------------------------------------ helpers for the hooks
+    def loaders(self) -> None:
+        """`self.splits`, `self.train_loader`, `self.val_loader` for this stage's resolution."""
+        self.splits, self.train_loader, self.val_loader = stage_loaders(self.cfg, None if self.hr_only else self.res)
+
+    def require_inputs(self) -> None:
+        """Fail now, naming the command to run, if an input artifact is missing (inputs in table order)."""
+        for name in self.inputs:
+            if name is not None:
+                self.store.require(name)
+
+    def load_input(self, i: int) -> nn.Module:
+        """Input `i` of the stage table entry, on the device (None: the official EdgeFace weights)."""
+        return load_model(self.cfg, self.store, self.inputs[i]).to(self.device)
+
+    def make_trainer(self, *, modules, optimizer, epochs: int, tag: str | None = None, logger=None,
+                     ema: EMA | None = None, **trainer_overrides) -> Trainer:
+        tcfg = {**to_plain(self.cfg.trainer), "warmup_frac": float(self.settings.warmup_frac), **trainer_overrides}
+        return Trainer(tcfg=tcfg, run_dir=self.out_dir, logger=logger or self.logger, device=self.device,
+                       modules=modules, optimizer=optimizer, epochs=epochs,
+                       steps_per_epoch=len(self.train_loader), tag=tag or self.label, ema=ema,
+                       resume=bool(self.cfg.resume), health=self.health)
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module) if self.cfg.get("compile") else module
+
+    @property
+    def parents(self) -> list[str]:
+        return [name for name in self.inputs if name is not None]
+
+    # ------------------------------------------------------------------ the fixed order
+    def run(self) -> dict[str, float]:
+        self.check()
+        self.device = resolve_device(self.cfg.device)
+        self.require_inputs()
+        self.build()
+        self.logger = build_logger(self.cfg, self.out_dir, self.label)
+        try:
+            metrics = self.fit()
+            metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics, parents=self.parents,
+                               run_dir=self.out_dir)
+            self.logger.summary(metrics)
+            return metrics
+        finally:
+            self.logger.close()

@@ -1,0 +1,42 @@
+"""Start-up shared by `train.py` and `python -m eval`: absolute paths, the device check, seeding."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
+from omegaconf import DictConfig, open_dict
+
+from cycle.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Make paths absolute (jobs may run elsewhere) and check the device early."""
+    root = Path(cfg.paths.root)
+    if not root.is_absolute():
+        base = get_original_cwd() if HydraConfig.initialized() else os.getcwd()
+        with open_dict(cfg):
+            cfg.paths.root = str((Path(base) / root).resolve())
+    device = resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    if n_gpu > 1 and str(cfg.device) in ("auto", "cuda") and HydraConfig.initialized():
+        # local multirun: pin job N to GPU N (mod count) so parallel jobs do not share one GPU
+        job_num = HydraConfig.get().job.get("num")
+        if job_num is not None:
+            with open_dict(cfg):
+                cfg.device = f"cuda:{int(job_num) % n_gpu}"
+            log.info("job %s pinned to %s", job_num, cfg.device)
+    return cfg

@@ -1,0 +1,8 @@
+"""The error of the evaluation: it cannot run as configured (shared by eval.testset, eval.scoring, eval.report)."""
+from __future__ import annotations
+
+__all__ = ["EvaluationError"]
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run as configured; the message says what to change."""
