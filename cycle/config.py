@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from cycle.lineage import run_tag
 from cycle.stages import STAGE_NAMES
 
 RESOLUTIONS = ("16", "24", "32")  # the one list of supported VLR sizes
@@ -80,8 +81,15 @@ class TrainSchema:
 
 
 def register() -> None:
-    """Make `train_schema` available to the defaults list (idempotent)."""
+    """Make `train_schema` and the `run_subdir` resolver available to Hydra (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    OmegaConf.register_new_resolver("run_subdir", run_subdir, replace=True)
+
+
+def run_subdir(overrides: str, *, _root_) -> str:
+    """The last part of a run directory: the overrides that distinguish the run, plus what overrides cannot
+    show (the data files and the EdgeFace weights file, by content: `cycle.lineage.run_tag`)."""
+    return ",".join(p for p in (str(overrides), run_tag(_root_)) if p)
 
 
 def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False,

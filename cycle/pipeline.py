@@ -3,14 +3,17 @@ one resolution in one process.
 
 [edgeface_pretrain] -> initial -> edgeface_ft -> cyclic [-> edgeface_ft2 -> cyclic2] -> eval, each stage in
 its own sub-directory of the run; the order, inputs and outputs come from the stage table
-(`cycle.stages`). A stage whose artifact was published by this very run directory is done and skipped,
+(`cycle.stages`). Artifacts are keyed by their lineage (`cycle.lineage`), like a build cache: a stage
+whose artifact already exists for this exact lineage is done and reused (`resume=false` retrains it),
 so re-running the command after a crash resumes where it stopped (inside a stage, the trainer resumes
-from that stage's checkpoints/last.pt).
+from that stage's checkpoints/last.pt), and sweep points share the stages they have in common. The
+evaluation at the end scores exactly the artifacts of this run's plan.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +21,18 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, open_dict
 
 from cycle.artifacts import ArtifactStore
-from cycle.stages import (EVALUATION, PIPELINE, PRETRAINED_EDGEFACE, STAGES, stage_inputs, stage_settings,
-                          stage_spec, uses_official_weights)
+from cycle.stages import (
+    EVALUATION,
+    METHODS,
+    PIPELINE,
+    PRETRAINED_EDGEFACE,
+    STAGE,
+    STAGES,
+    stage_inputs,
+    stage_settings,
+    stage_spec,
+    uses_official_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +144,19 @@ def run_stage(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     return fn(cfg, Path(out_dir))
 
 
-def run_step(cfg: DictConfig, step: Step, out_dir: Path) -> dict[str, float]:
-    store = ArtifactStore(cfg.paths.artifacts_dir, cfg.res)
+def run_step(cfg: DictConfig, step: Step, out_dir: Path, methods: list[str] | None = None) -> dict[str, float]:
+    store = ArtifactStore.for_config(cfg)
     sub_dir = out_dir / step.dirname
     skip = step.stage in set(cfg.cycle.skip) and step.cycle_index == 1
-    if step.output and (skip or _published_here(store, step.output, sub_dir)):
-        store.require(step.output)  # skipped stage with no artifact: a clear error naming the stage
-        log.info("%s: using existing artifact %s", step.dirname, store.path(step.output))
+    if step.output and (skip or (cfg.resume and store.exists(step.output))):
+        store.verify(step.output)  # skipped stage with no artifact: a clear error naming the stage
+        log.info("%s: using the artifact of this lineage %s (published by %s)", step.dirname,
+                 store.path(step.output), store.manifest(step.output).get("run_dir"))
         return store.manifest(step.output).get("metrics", {})
     log.info("==> %s (res=%s) -> %s", step.dirname, cfg.res, sub_dir)
     if step.stage == EVAL_STEP:
-        return get_method(EVALUATION)(cfg, sub_dir, resolutions=[str(cfg.res)])
+        return get_method(EVALUATION)(cfg, sub_dir, resolutions=[str(cfg.res)], methods=methods)
     return run_stage(sub_config(cfg, step.stage, step.cycle_index), sub_dir)
-
-
-def _published_here(store: ArtifactStore, name: str, sub_dir: Path) -> bool:
-    if not store.exists(name):
-        return False
-    produced_by = store.manifest(name).get("run_dir")
-    return produced_by is not None and Path(produced_by).resolve() == sub_dir.resolve()
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
@@ -167,20 +174,44 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         for step in [s for s in plan(cfg, 2) if s.cycle_index == 2]:
             results[step.dirname] = run_step(cfg, step, out_dir)
     final: dict[str, float] = {}
+    every = plan(cfg, max(2, 1 if cycles == "auto" else cycles))
+    methods = evaluated_methods({s.output for s in every if s.dirname in results and s.output})
     for step in evals:
-        final = run_step(cfg, step, out_dir)
+        final = run_step(cfg, step, out_dir, methods=methods)
     last_dsr = [k for k in results if k.startswith("cyclic")][-1]
     return final or results[last_dsr]
 
 
+def evaluated_methods(artifacts: set[str]) -> list[str]:
+    """The evaluation rows whose every artifact is in `artifacts` (what this run's plan produced or
+    reused): an artifact of another plan (a 2nd cycle this run did not run) is never scored."""
+    pretrained = {None, PRETRAINED_EDGEFACE}
+    return [m.name for m in METHODS
+            if (m.dsr is None or m.dsr in artifacts) and (m.edgeface in pretrained or m.edgeface in artifacts)]
+
+
 def _second_cycle_pays(cfg: DictConfig, results: dict[str, dict[str, float]]) -> bool:
+    """cycle.cycles=auto: does cycle 1's DSR gain pay for a 2nd cycle? Compared under one recogniser, the
+    fine-tuned EdgeFace: `initial_ft` (validation of edgeface_ft: initial DSR + fine-tuned EdgeFace) vs
+    `cyclic` (cyclic DSR + the same EdgeFace). Both numbers and the decision go to the log and into the
+    manifest of the cycle-1 DSR."""
     key = cfg.cycle.metric
-    before, after = results.get("initial", {}).get(key), results.get("cyclic", {}).get(key)
-    if before is None or after is None:
-        log.warning("cycle.cycles=auto: metric %s missing from initial/cyclic results: no 2nd cycle", key)
-        return False
-    gain = (after - before) / max(abs(before), 1e-8)
-    decision = gain > float(cfg.cycle.min_gain)
-    log.info("cycle.cycles=auto: %s %.4f -> %.4f (%+.1f%%): %s", key, before, after, 100 * gain,
-             "running a 2nd cycle" if decision else "no 2nd cycle")
-    return decision
+    before, after = results.get("edgeface_ft", {}).get(key), results.get("cyclic", {}).get(key)
+    decision = {"metric": key, "initial_ft": before, "cyclic": after, "min_gain": float(cfg.cycle.min_gain)}
+    if before is None or after is None or not (math.isfinite(before) and math.isfinite(after)):
+        decision.update(gain=None, second_cycle=False,
+                        reason=f"cannot decide: {key} is missing or NaN (initial_ft {before}, cyclic {after}); "
+                               "falling back to no 2nd cycle. Raise trainer.val_pairs or the validation "
+                               "identities, or set cycle.cycles=1 or 2 explicitly")
+        log.warning("cycle.cycles=auto: %s", decision["reason"])
+    else:
+        gain = (after - before) / max(abs(before), 1e-8)
+        decision.update(gain=gain, second_cycle=gain > float(cfg.cycle.min_gain),
+                        reason=f"{key} {before:.4f} (initial_ft) -> {after:.4f} (cyclic), {100 * gain:+.1f}% vs "
+                               f"min_gain {100 * float(cfg.cycle.min_gain):.0f}%")
+        log.info("cycle.cycles=auto: %s: %s", decision["reason"],
+                 "running a 2nd cycle" if decision["second_cycle"] else "no 2nd cycle")
+    store = ArtifactStore.for_config(cfg)
+    if store.exists(STAGE["cyclic"].artifact(1)):
+        store.update_manifest(STAGE["cyclic"].artifact(1), auto_second_cycle=decision)
+    return bool(decision["second_cycle"])

@@ -26,11 +26,18 @@ from cycle.artifacts import ArtifactStore, load_model
 from cycle.config import to_plain
 from cycle.data import stage_loaders
 from cycle.health import HealthMonitor
+from cycle.lineage import digest
 from cycle.logger import MetricsLogger, build_logger
+from cycle.runtime import seed_everything
 from cycle.stages import stage_inputs, stage_settings, stage_spec
 from cycle.training import EMA, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+def stage_seed(seed: int, stage: str, cycle_index: int) -> int:
+    """The seed of one stage, derived from (seed, stage, cycle index)."""
+    return int(digest([int(seed), stage, int(cycle_index)])[:8], 16)
 
 
 class StageRun:
@@ -48,7 +55,7 @@ class StageRun:
         self.output = self.spec.artifact(self.cycle_index)
         self.res = int(cfg.res)
         self.device: torch.device | None = None
-        self.store = ArtifactStore(cfg.paths.artifacts_dir, self.res)
+        self.store = ArtifactStore.for_config(cfg)
         self.health = HealthMonitor()
         self.logger: MetricsLogger | None = None
         # set by build() for the default fit()
@@ -107,6 +114,10 @@ class StageRun:
     def compiled(self, module: nn.Module) -> nn.Module:
         return torch.compile(module) if self.cfg.get("compile") else module
 
+    def identities(self) -> dict[str, list[str]]:
+        """Identity names this stage trained and selected on (recorded for the evaluation's overlap check)."""
+        return {split: list(self.splits[split].identities) for split in ("train", "val") if split in self.splits}
+
     @property
     def parents(self) -> list[str]:
         return [name for name in self.inputs if name is not None]
@@ -116,13 +127,16 @@ class StageRun:
         self.check()
         self.device = resolve_device(self.cfg.device)
         self.require_inputs()
+        # Each stage draws from its own seed: a stage gives the same weights whether the stages before it ran
+        # in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
+        seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
         self.build()
         self.logger = build_logger(self.cfg, self.out_dir, self.label)
         try:
             metrics = self.fit()
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics, parents=self.parents,
-                               run_dir=self.out_dir)
+                               run_dir=self.out_dir, identities=self.identities())
             self.logger.summary(metrics)
             return metrics
         finally:

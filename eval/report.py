@@ -31,10 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from cycle.artifacts import ArtifactStore
 from cycle.config import check_res, to_plain
 from cycle.files import HISTORY, move_aside
+from cycle.stages import STAGE, producer
 from cycle.training import resolve_device
 from eval import figures
 from eval.errors import EvaluationError
 from eval.extract import _at_res, _extract, _Extraction, _load, _Models
+from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
 from eval.render import regressions, render_markdown
 from eval.scoring import score_method
@@ -50,18 +52,67 @@ HEADLINE = ("psnr", "ssim", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime
 COLLAPSE_GAP = 0.05  # genuine - impostor mean cosine below this: embeddings may have collapsed
 
 
+def default_methods(cfg: DictConfig, store: ArtifactStore) -> list[Method]:
+    """Methods of the cycles this configuration runs: 2nd-cycle rows only with cycle.cycles >= 2, or with
+    `auto` when the cycle-1 DSR's manifest records the decision to run a 2nd cycle."""
+    cycles = cfg.cycle.cycles
+    if str(cycles) == "auto":
+        decision = store.manifest(STAGE["cyclic"].artifact(1)).get("auto_second_cycle") or {}
+        n = 2 if decision.get("second_cycle") else 1
+    else:
+        n = int(cycles)
+    return [m for m in METHODS if method_cycle(m) <= n]
+
+
+def method_cycle(m: Method) -> int:
+    """The latest cycle whose artifact a method uses (1 for hr/bicubic)."""
+    return max([producer(a)[1] for a in (m.dsr, m.edgeface) if a] or [1])
+
+
+def _check_overlap(cfg: DictConfig, res: str, store: ArtifactStore, methods: list[Method], proto: Protocol,
+                   notes: list[str]) -> dict[str, int]:
+    """Refuse (or, with eval.allow_overlap, mark) methods whose lineage trained or selected on an evaluated
+    identity; note lineages whose identities are unknown. Returns method -> overlapping identity count."""
+    evaluated = list(proto.faces.identities)
+    official = bool(cfg.edgeface.get("weights"))
+    leaks, unknown = {}, {}
+    for m in methods:
+        lin = method_lineage(store, [a for a in (m.dsr,) if a] + [m.edgeface], official)
+        for what in lin.unknown:
+            unknown.setdefault(what, []).append(m.name)
+        hit = overlap(evaluated, lin)
+        if not hit:
+            continue
+        msg = (f"res {res}, {m.name}: overlap: {len(hit)} of the {len(evaluated)} evaluated identities were seen "
+               f"in training or validation along its lineage ({', '.join(lin.artifacts)}), e.g. "
+               f"{', '.join(hit[:5])}")
+        if not cfg.eval.get("allow_overlap"):
+            raise EvaluationError(f"{msg}. Evaluate on identities held out from training (eval.split=test with the "
+                                  "data settings the models were trained with, or a pairs file of other people), "
+                                  "or set eval.allow_overlap=true to report anyway, marked as not held out")
+        log.warning("%s (eval.allow_overlap=true: reported, marked)", msg)
+        notes.append(f"{msg}: eval.allow_overlap=true, so this is NOT a held-out result")
+        leaks[m.name] = len(hit)
+    for what, names in unknown.items():
+        notes.append(f"res {res}: {what}: disjointness from the evaluated identities is not claimed for "
+                     f"{', '.join(names)}")
+    return leaks
+
+
 def _sample_indices(labels: np.ndarray, n: int) -> np.ndarray:
     """First image of each of the first n identities: the grid shows n different people."""
     return np.sort(np.unique(labels, return_index=True)[1])[:n]
 
 
-def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig_dir: Path | None) -> dict:
+def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig_dir: Path | None,
+                         methods: Sequence[str] | None = None) -> dict:
     cfg_r = _at_res(cfg, res)
     ev = cfg.eval
-    store = ArtifactStore(cfg.paths.artifacts_dir, res)
+    store = ArtifactStore.for_config(cfg_r)
     models = _Models()
     runnable, skipped = [], {}
-    for m in METHODS:
+    chosen = [m for m in METHODS if m.name in methods] if methods is not None else default_methods(cfg_r, store)
+    for m in chosen:
         if m.dsr:
             _load("dsr", m.dsr, cfg_r, store, device, models)
         if m.dsr not in models.failed:  # no DSR, no need for its EdgeFace: the reason names the DSR
@@ -76,6 +127,7 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
     out = {"metrics": {}, "skipped": skipped, "manifests": models.manifests, "notes": [], "figures": []}
     if not runnable:
         return out
+    leaks = _check_overlap(cfg_r, res, store, runnable, proto, out["notes"])
     t0 = time.perf_counter()
     sample_idx = _sample_indices(proto.faces.labels, int(ev.num_samples))
     ext = _extract(cfg_r, int(res), proto.faces, runnable, models, device, sample_idx)
@@ -98,6 +150,8 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
                     f"res {res}, {m.name}: genuine and impostor mean cosine are close "
                     f"({metrics['genuine_mean']:.3f} vs {metrics['impostor_mean']:.3f}): the embeddings may "
                     "have collapsed; check the fine-tuning (lower the LR or the margin, fewer epochs)")
+        if m.name in leaks:
+            metrics["overlap_identities"] = leaks[m.name]
         out["metrics"][m.name] = metrics
     out["notes"] += [f"res {res}: {note} ({', '.join(ms)})" for note, ms in notes.items()]
     if fig_dir is not None:
@@ -191,8 +245,13 @@ def _check_settings(ev: DictConfig) -> None:
         raise EvaluationError(f"eval.figure_formats: {bad} not supported; use any of {', '.join(sorted(known))}")
 
 
-def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None = None) -> dict[str, float]:
+def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None = None,
+             methods: Sequence[str] | None = None) -> dict[str, float]:
     """Evaluate every available method at each resolution; write results.json, report.md, figures/.
+
+    methods: the method names to score (`stage=cycle` passes those of its own plan); None = the methods of
+    the cycles this configuration runs (`default_methods`). Every evaluated artifact's lineage must be
+    disjoint from the evaluated identities (`eval.leakage`).
 
     resolutions: e.g. ["16", "24"]; None = cfg.eval.resolutions, else [cfg.res]. Raises
     EvaluationError when the protocol cannot run (e.g. fewer than 2 identities) or no method at any
@@ -210,7 +269,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
     extra = {"config": _config(cfg), "protocol": proto.info, "artifacts": {}, "skipped": {}, "regressions": {},
              "figures": {}, "notes": list(proto.notes)}
     for res in res_list:
-        r = _evaluate_resolution(cfg, res, proto, device, fig_dir)
+        r = _evaluate_resolution(cfg, res, proto, device, fig_dir, methods)
         results[res] = r["metrics"]
         extra["artifacts"][res] = r["manifests"]
         extra["skipped"][res] = r["skipped"]

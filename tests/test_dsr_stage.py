@@ -16,7 +16,7 @@ from dsr.stage import run_cyclic, run_initial
 def publish_edgeface(cfg, name, seed=0):
     torch.manual_seed(seed)
     m = edgeface.build(cfg.edgeface.variant)
-    store = ArtifactStore(cfg.paths.artifacts_dir, cfg.res)
+    store = ArtifactStore.for_config(cfg)
     store.publish(name, {"format": "edgeface", "variant": m.variant, "quantized": False, "state_dict": m.state_dict()})
     return store
 
@@ -44,7 +44,9 @@ def test_initial_then_cyclic_loads_exactly_and_keeps_initial(smoke_cfg, tmp_path
     assert {"val/psnr", "val/ssim", "val/auc", "val/identity_cos"} <= set(m)
     init_path = store.path("dsr_initial")
     manifest = store.manifest("dsr_initial")
-    assert manifest["parents"] == {"edgeface_pretrained": str(store.path("edgeface_pretrained"))}
+    parent = store.path("edgeface_pretrained")
+    assert manifest["parents"] == {"edgeface_pretrained": {"path": str(parent), "key": store.key("edgeface_pretrained"),
+                                                           "sha256": sha(parent)}}
     assert (tmp_path / "initial" / "metrics.jsonl").is_file() and (tmp_path / "initial" / "curves.png").is_file()
     before = sha(init_path)
 
@@ -53,10 +55,10 @@ def test_initial_then_cyclic_loads_exactly_and_keeps_initial(smoke_cfg, tmp_path
     run_cyclic(cyc, tmp_path / "cyclic")
     assert sha(init_path) == before  # the initial artifact is never touched
     a = load_checkpoint(init_path)["model"]
-    b = load_checkpoint(store.path("dsr_cyclic"))["model"]
+    b = load_checkpoint(ArtifactStore.for_config(cyc).path("dsr_cyclic"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(load_dsr(cyc, init_path).state_dict()[next(iter(a))], a[next(iter(a))])
-    assert set(store.manifest("dsr_cyclic")["parents"]) == {"dsr_initial", "edgeface_ft"}
+    assert set(ArtifactStore.for_config(cyc).manifest("dsr_cyclic")["parents"]) == {"dsr_initial", "edgeface_ft"}
 
 
 def test_cyclic_uses_per_resolution_and_second_cycle_values(smoke_cfg):
@@ -98,8 +100,8 @@ def test_initial_resume_after_interruption_matches_uninterrupted(smoke_cfg, tmp_
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(steps) and steps[-1] == 6  # the counter continued, not restarted
     assert again["val/psnr"] == pytest.approx(ref["val/psnr"], abs=1e-3)
-    w_ref = load_checkpoint(ArtifactStore(tmp_path / "ref_art", 16).path("dsr_initial"))["model"]
-    w = load_checkpoint(ArtifactStore(tmp_path / "art", 16).path("dsr_initial"))["model"]
+    w_ref = load_checkpoint(ArtifactStore.for_config(ref_cfg).path("dsr_initial"))["model"]
+    w = load_checkpoint(ArtifactStore.for_config(cfg).path("dsr_initial"))["model"]
     assert all(torch.allclose(w[k].float(), w_ref[k].float(), atol=1e-5) for k in w)
 
 

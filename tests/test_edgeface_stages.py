@@ -18,7 +18,7 @@ from edgeface import finetune, pretrain
 
 
 def store_of(cfg):
-    return ArtifactStore(cfg.paths.artifacts_dir, cfg.res)
+    return ArtifactStore.for_config(cfg)
 
 
 def publish_edgeface(cfg, name, seed=0):
@@ -154,7 +154,8 @@ def test_ft_resume_inside_phase2_matches_uninterrupted(smoke_cfg, tmp_path, monk
         publish_edgeface(cfg, "edgeface_pretrained")
         return cfg
 
-    ref = finetune.run(setup("ref_art"), tmp_path / "ref")
+    ref_cfg = setup("ref_art")
+    ref = finetune.run(ref_cfg, tmp_path / "ref")
 
     cfg = setup("art")
     calls = count_ft_steps(monkeypatch, crash_after=3)  # mid-way through phase 2's second epoch
@@ -171,8 +172,8 @@ def test_ft_resume_inside_phase2_matches_uninterrupted(smoke_cfg, tmp_path, monk
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(steps) and steps[-1] == 2 + 4  # phase-1 steps, then phase 2 continued its count
     assert again["val/auc"] == pytest.approx(ref["val/auc"], abs=1e-6)
-    w_ref = edgeface.load(ArtifactStore(tmp_path / "ref_art", 16).path("edgeface_ft")).state_dict()
-    w = edgeface.load(ArtifactStore(tmp_path / "art", 16).path("edgeface_ft")).state_dict()
+    w_ref = edgeface.load(ArtifactStore.for_config(ref_cfg).path("edgeface_ft")).state_dict()
+    w = edgeface.load(ArtifactStore.for_config(cfg).path("edgeface_ft")).state_dict()
     assert all(torch.allclose(w[k], w_ref[k], atol=1e-5) for k in w)
 
 

@@ -54,13 +54,16 @@ def publish_dsr(cfg, name: str, res: str, seed: int) -> None:
         cfg.res = res
     torch.manual_seed(seed)
     model = instantiate(cfg.dsr)
-    ArtifactStore(cfg.paths.artifacts_dir, res).publish(
+    ArtifactStore.for_config(cfg).publish(
         name, {"format": "dsr", "res": int(res), "model": model.state_dict(),
                "arch": to_plain(cfg.dsr)}, cfg=cfg, metrics={"val/psnr": 20.0})
 
 
 def publish(cfg, payloads, res: str = "16", names=("edgeface_pretrained", "dsr_initial", "edgeface_ft", "dsr_cyclic")):
-    store = ArtifactStore(cfg.paths.artifacts_dir, res)
+    c = cfg.copy()
+    with open_dict(c):
+        c.res = res
+    store = ArtifactStore.for_config(c)
     for name in names:
         if name.startswith("edgeface"):
             store.publish(name, payloads["pretrained" if name == "edgeface_pretrained" else "ft"], metrics={})
@@ -110,7 +113,7 @@ def test_evaluate_smoke_schema_report_and_figures(smoke, edgeface_payloads, tmp_
     batch = next(iter(make_loader(test, batch_size=len(test), res=16, degradation=smoke.degradation,
                                   train=False, seed=int(smoke.eval.seed))))
     assert res["16"]["bicubic"]["psnr"] == pytest.approx(psnr(upsample(batch["lr"]), batch["hr"]).mean(), rel=1e-9)
-    ef = edgeface.load(ArtifactStore(smoke.paths.artifacts_dir, 16).path("edgeface_pretrained"))
+    ef = edgeface.load(ArtifactStore.for_config(smoke).path("edgeface_pretrained"))
     with torch.no_grad():
         emb = ef(batch["hr"]).numpy()
     ia, ib, same = balanced_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed))
@@ -272,7 +275,7 @@ def test_lfw_pairs_end_to_end_10_folds(tmp_path, edgeface_payloads):
     from eval.protocols import load_lfw_pairs
     lp = load_lfw_pairs(pairs, root)
     hr = torch.from_numpy(np.stack([load_image(p, 112, "resize") for p in lp.paths])).permute(0, 3, 1, 2) / 255.0
-    ef = edgeface.load(ArtifactStore(cfg.paths.artifacts_dir, 16).path("edgeface_pretrained"))
+    ef = edgeface.load(ArtifactStore.for_config(cfg).path("edgeface_pretrained"))
     with torch.no_grad():
         scores = pair_scores_indexed(ef(hr).numpy(), lp.idx_a, lp.idx_b)
     acc, std, _ = kfold_accuracy(scores, lp.is_same, fold_ids=lp.fold)

@@ -40,7 +40,7 @@ def test_full_cycle_then_skip_and_second_cycle(smoke_cfg, tmp_path):
     cfg = smoke_cfg()
     out = tmp_path / "run"
     final = run(cfg, out)
-    store = ArtifactStore(cfg.paths.artifacts_dir, 16)
+    store = ArtifactStore.for_config(cfg)
     assert all(store.exists(n) for n in ALL)
     for sub in ("edgeface_pretrain", "initial", "edgeface_ft", "cyclic", "eval"):
         assert (out / sub).is_dir(), sub
@@ -48,17 +48,23 @@ def test_full_cycle_then_skip_and_second_cycle(smoke_cfg, tmp_path):
     assert {"hr", "bicubic", "initial", "initial_ft", "cyclic"} <= set(results["16"])
     assert final
 
-    # re-running resumes: every stage published by this run dir is skipped, nothing is re-trained
+    # re-running resumes: every stage of this lineage is reused, nothing is re-trained; so does the same
+    # configuration in another run directory (artifacts are keyed by lineage, like a build cache)
     mtimes = {n: store.path(n).stat().st_mtime for n in ALL}
     run(cfg, out)
+    run(smoke_cfg("cycle.eval=false"), tmp_path / "run1b")
     assert {n: store.path(n).stat().st_mtime for n in ALL} == mtimes
 
-    # skip initial/edgeface_ft in a new run dir: their artifacts are reused, cyclic re-runs
-    cfg2 = smoke_cfg("cycle.skip=[edgeface_pretrain,initial,edgeface_ft]", "cycle.eval=false")
+    # skip initial/edgeface_ft and change a cyclic setting: their artifacts are reused, cyclic trains a
+    # new lineage beside the old one, which stays untouched
+    cfg2 = smoke_cfg("cycle.skip=[edgeface_pretrain,initial,edgeface_ft]", "cycle.eval=false",
+                     "stages.cyclic.lr=1e-4")
     run(cfg2, tmp_path / "run2")
-    assert store.path("dsr_initial").stat().st_mtime == mtimes["dsr_initial"]
-    assert store.path("dsr_cyclic").stat().st_mtime > mtimes["dsr_cyclic"]
-    assert list((store.dir / "history").glob("dsr_cyclic.*.pt"))  # the old one was kept
+    store2 = ArtifactStore.for_config(cfg2)
+    assert store2.path("dsr_initial") == store.path("dsr_initial")
+    assert store2.path("dsr_cyclic") != store.path("dsr_cyclic") and store2.exists("dsr_cyclic")
+    assert store.path("dsr_cyclic").stat().st_mtime == mtimes["dsr_cyclic"]
+    assert store2.manifest("dsr_cyclic")["parents"]["dsr_initial"]["key"] == store.key("dsr_initial")
 
     # a 2nd cycle adds its own artifacts, never touching cycle 1's
     cfg3 = smoke_cfg("cycle.cycles=2", "cycle.eval=false",
@@ -77,4 +83,4 @@ def test_train_py_smoke_cli(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "smoke" / "res16" / "cycle"
     assert (run_dir / "eval" / "report.md").is_file()
-    assert all((tmp_path / "artifacts" / "res16" / f"{n}.pt").is_file() for n in ALL)
+    assert all(len(list((tmp_path / "artifacts" / "res16").glob(f"{n}-*.pt"))) == 1 for n in ALL)

@@ -40,6 +40,14 @@ def _env() -> dict[str, str]:
                 MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
 
 
+def _artifact(art_dir: Path, name: str) -> Path:
+    """The manifest of the one artifact `name` in a resolution's artifact folder (file names carry the
+    lineage key: <name>-<key>.json)."""
+    found = list(art_dir.glob(f"{name}-*.json"))
+    assert len(found) == 1, (art_dir, name, found)
+    return found[0]
+
+
 def _paths(base: Path, cache: Path) -> list[str]:
     return [f"paths.output_dir={base / 'outputs'}", f"paths.artifacts_dir={base / 'artifacts'}",
             f"paths.cache_dir={cache}", "device=cpu"]
@@ -143,7 +151,7 @@ def test_local_sweep_runs_one_job_per_res_without_collisions(tmp_path, cache, ed
         assert d.relative_to(sweep).parts[:2] == (f"res{res}", "initial"), d
         assert (d / "train.log").is_file() and (d / "checkpoints" / "last.pt").is_file()
         assert [r["step"] for r in _metrics(d) if "val/psnr" in r] == [2]  # smoke: 1 epoch of 2 steps
-        manifest = json.loads((tmp_path / "artifacts" / f"res{res}" / "dsr_initial.json").read_text())
+        manifest = json.loads(_artifact(tmp_path / "artifacts" / f"res{res}", "dsr_initial").read_text())
         assert "val/psnr" in manifest["metrics"]
     results = _results(sweep)
     assert len(results) == 2 and all(status == "success" for status, _ in results.values()), results
@@ -173,8 +181,9 @@ def test_slurm_sweep_runs_three_jobs_with_three_sets_of_artifacts(tmp_path, cach
     for res in ("16", "24", "32"):
         art = tmp_path / "artifacts" / f"res{res}"
         for name in ("edgeface_pretrained", "dsr_initial", "edgeface_ft", "dsr_cyclic"):
-            assert (art / f"{name}.pt").is_file() and (art / f"{name}.json").is_file(), (res, name)
-            manifest = json.loads((art / f"{name}.json").read_text())
+            man_path = _artifact(art, name)
+            assert man_path.with_suffix(".pt").is_file(), (res, name)
+            manifest = json.loads(man_path.read_text())
             assert str(manifest["res"]) == res
             assert Path(manifest["run_dir"]).parent == dirs[res]  # published by this resolution's job
         results = json.loads((dirs[res] / "eval" / "results.json").read_text())
@@ -266,6 +275,8 @@ def test_slurm_killed_and_preempted_job_resumes_instead_of_restarting(
     assert final["step"] == ref_final["step"] == total
     for key in ("train/loss", "val/psnr", "val/loss", "val/identity_cos"):
         assert final[key] == pytest.approx(ref_final[key], rel=1e-4, abs=1e-5), (key, final, ref_final)
-    published = json.loads((slurm_base / "artifacts" / "res16" / "dsr_initial.json").read_text())["metrics"]
-    ref_published = json.loads((ref_base / "artifacts" / "res16" / "dsr_initial.json").read_text())["metrics"]
+    published = json.loads(next((slurm_base / "artifacts" / "res16").glob("dsr_initial-*.json")).read_text())
+    ref_published = json.loads(next((ref_base / "artifacts" / "res16").glob("dsr_initial-*.json")).read_text())
+    assert published["key"] == ref_published["key"]  # same settings and data: the same lineage
+    published, ref_published = published["metrics"], ref_published["metrics"]
     assert published["val/psnr"] == pytest.approx(ref_published["val/psnr"], rel=1e-4, abs=1e-5)
