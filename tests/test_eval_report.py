@@ -13,6 +13,8 @@ from conftest import _SESSION_CACHE, ROOT, compose_train
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr
+from skimage.metrics import structural_similarity as sk_ssim
 from sklearn.metrics import roc_auc_score
 
 import edgeface
@@ -21,7 +23,7 @@ from cycle.config import to_plain
 from cycle.data import build_splits, load_image, make_loader
 from cycle.degrade import upsample
 from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
-from eval.protocols import MissingImagesError, balanced_pairs
+from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs
 from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
 
 FIGURES = ("roc", "cmc", "scores", "quality", "samples")
@@ -113,16 +115,46 @@ def test_evaluate_smoke_schema_report_and_figures(smoke, edgeface_payloads, tmp_
     ef = edgeface.load(ArtifactStore(smoke.paths.artifacts_dir, 16).path("edgeface_pretrained"))
     with torch.no_grad():
         emb = ef(batch["hr"]).numpy()
-    ia, ib, same = balanced_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed))
+    ia, ib, same, fold = balanced_fold_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed),
+                                             int(smoke.eval.folds))
     scores = pair_scores_indexed(emb, ia, ib)
     assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-6)
     assert res["16"]["hr"]["num_genuine"] == int(same.sum())
+    acc, _, _ = kfold_accuracy(scores, same, fold_ids=fold)
+    assert res["16"]["hr"]["accuracy"] == pytest.approx(acc, abs=1e-12)
+    # 4 test identities allow 2 identity-disjoint folds, not eval.folds=10: used, and said so
+    assert res["protocol"]["num_folds"] == 2 and any("2 identity-disjoint folds" in n for n in res["notes"])
 
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| method | PSNR (dB) | SSIM | AUC | EER")
+    assert rows[0].startswith("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | SSIM-Y | AUC | EER")
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["hr", "bicubic", "initial", "initial_ft", "cyclic"]
-    assert any("**" in r for r in rows[2:]) and "**" not in rows[1]  # best marked; hr not ranked
+    assert "**" not in rows[1]  # hr is not ranked
+    # every verification / identification metric carries its 95 % interval over identities
+    for method, m in res["16"].items():
+        for k in ("auc", "eer", "tar@far=1e-1", "accuracy", "d_prime", "rank1", "rank5"):
+            lo, hi = m[f"{k}_ci95"]
+            assert lo <= hi and (k == "d_prime" or 0 <= lo <= hi <= 1), (method, k)
+        assert m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+        assert m["tar@far=1e-2_ci95"] is None  # 60 impostor pairs: undefined, so no interval
+        if method != "hr":
+            assert m["psnr_ci95"][0] <= m["psnr"] <= m["psnr_ci95"][1] and len(m["ssim_y_ci95"]) == 2
+    assert res["protocol"]["bootstrap"]["resamples"] == 1000
+    comps = res["comparisons"]["16"]
+    assert set(comps) == {"initial vs bicubic", "initial_ft vs initial", "cyclic vs initial", "cyclic vs initial_ft"}
+    c = comps["cyclic vs initial"]["auc"]
+    assert c["diff"] == pytest.approx(res["16"]["cyclic"]["auc"] - res["16"]["initial"]["auc"])
+    assert (c["verdict"] == "within noise") == (c["ci95"][0] <= 0 <= c["ci95"][1])
+    # initial and initial_ft share the DSR: identical PSNR in every resample, so never a "regression"
+    assert comps["initial_ft vs initial"]["psnr"] == {"diff": 0.0, "ci95": [0.0, 0.0], "verdict": "within noise"}
+    for metric, b in res["best"]["16"].items():
+        assert b["bold"] == (b["verdict"] == "better") and b["method"] != "hr"
+        cell = next(r for r in rows if r.split("|")[1].strip() == b["method"])
+        assert ("**" in cell) or not b["bold"]
+    # the conventions: kernels and the channel convention are named
+    assert "Keys a = -0.75, align_corners=False" in md and "down=area (box average" in md
+    assert "65.481 R + 128.553 G + 24.966 B" in md and "0 px cropped from each border" in md
+    assert "1000 bootstrap resamples of the test identities" in md and "identity-disjoint folds" in md
     assert "`cyclic2`" in md.split("Skipped:")[1]
     for fig in FIGURES:
         png = out / "figures" / f"res16_{fig}.png"
@@ -138,14 +170,37 @@ def test_pair_mode_and_gallery_are_configurable(smoke, edgeface_payloads, tmp_pa
         smoke.eval.figures = False
     evaluate(smoke, tmp_path / "a", ["16"])
     with open_dict(smoke):
-        smoke.eval.pair_mode, smoke.eval.gallery = "sr_sr", "sr"
+        smoke.eval.pair_mode, smoke.eval.gallery, smoke.eval.crop_border = "sr_sr", "sr", 8
     evaluate(smoke, tmp_path / "b", ["16"])
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
     assert set(a["16"]) == {"hr", "bicubic"} and not (tmp_path / "a" / "figures").exists()
     assert a["16"]["hr"] == b["16"]["hr"]  # HR vs HR either way
     assert a["16"]["bicubic"]["genuine_mean"] != b["16"]["bicubic"]["genuine_mean"]
-    assert a["16"]["bicubic"]["psnr"] == b["16"]["bicubic"]["psnr"]
-    for key, value in (("pair_mode", "hr_hr"), ("gallery", "lr"), ("figure_formats", ["png", "gif9"])):
+
+    # PSNR/SSIM on RGB and on Y (hand-computed BT.601, as BasicSR), with eval.crop_border, against skimage
+    test = build_splits(smoke.data, smoke.paths.cache_dir)["test"]
+    batch = next(iter(make_loader(test, batch_size=len(test), res=16, degradation=smoke.degradation,
+                                  train=False, seed=int(smoke.eval.seed))))
+    sr, hr = upsample(batch["lr"]).double().numpy(), batch["hr"].double().numpy()
+
+    def luma(x):  # (B, 3, H, W) RGB in [0, 1] -> (B, H, W), studio swing [16, 235] / 255
+        return (16.0 + 65.481 * x[:, 0] + 128.553 * x[:, 1] + 24.966 * x[:, 2]) / 255.0
+
+    for run, c in ((a, 0), (b, 8)):
+        crop = (slice(None), slice(None), slice(c, -c or None), slice(c, -c or None))
+        s, h, ys, yh = sr[crop], hr[crop], luma(sr[crop]), luma(hr[crop])
+        ssim_kw = dict(data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        m = run["16"]["bicubic"]
+        assert m["psnr"] == pytest.approx(np.mean([sk_psnr(h[i], s[i], data_range=1.0) for i in range(len(s))]))
+        assert m["ssim"] == pytest.approx(np.mean([sk_ssim(h[i], s[i], channel_axis=0, **ssim_kw)
+                                                   for i in range(len(s))]), abs=1e-9)
+        assert m["psnr_y"] == pytest.approx(np.mean([sk_psnr(yh[i], ys[i], data_range=1.0) for i in range(len(s))]))
+        assert m["ssim_y"] == pytest.approx(np.mean([sk_ssim(yh[i], ys[i], **ssim_kw) for i in range(len(s))]),
+                                            abs=1e-9)
+        assert run["protocol"]["quality"]["crop_border"] == c
+    assert a["16"]["bicubic"]["psnr_y"] > a["16"]["bicubic"]["psnr"]  # chroma errors weigh less on Y
+    for key, value in (("pair_mode", "hr_hr"), ("gallery", "lr"), ("figure_formats", ["png", "gif9"]),
+                       ("bootstrap", 200), ("crop_border", -1)):
         bad = smoke.copy()
         with open_dict(bad):
             bad.eval[key] = value
