@@ -294,9 +294,10 @@ def far_key(far: float) -> str:
 def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row weighted mean and standard deviation (ddof=0), two-pass for accuracy."""
     total = w.sum(1)
-    mean = w @ x / total
-    d = x[None, :] - mean[:, None]
-    return mean, np.sqrt((w * d * d).sum(1) / total)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row weighing nothing: NaN
+        mean = w @ x / total
+        d = x[None, :] - mean[:, None]
+        return mean, np.sqrt((w * d * d).sum(1) / total)
 
 
 def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3, 1e-2, 1e-1),
@@ -319,7 +320,8 @@ def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3,
     ``weights``: optional ``(R, n_genuine + n_impostor)`` non-negative weights per pair (genuine first),
     one row per resample, e.g. bootstrap counts. Every metric above is then computed once per row, by the
     same code, and returned as an ``(R,)`` array (NaN where a row weighs no genuine or no impostor pair);
-    counts and notes are left out.
+    counts and notes are left out. Integer weights give the metrics of the sample with each pair repeated
+    that often (thresholds may then sit at a zero-weight score with the same TAR/FAR).
     """
     g, i = _scores(genuine, "genuine"), _scores(impostor, "impostor")
     w = _weights(weights, g.size + i.size)
@@ -563,7 +565,7 @@ def identification_ranks(gallery_emb, gallery_labels, probe_emb, probe_labels) -
 def rank_accuracy(rank, num_ids: int, ranks: Sequence[int] = (1, 5, 10, 20), weights=None) -> dict:
     """Rank-k accuracies and the CMC from probe ranks (``identification_ranks``).
 
-    ``cmc[k-1]`` = (weighted) fraction of probes with rank <= k, k = 1 .. num_ids, so it is
+    ``cmc[k-1]`` = fraction of probes with rank <= k, k = 1 .. num_ids, so it is
     non-decreasing and ends at 1; ``rank{k}`` beyond the gallery size is 1.0. ``weights``: optional
     ``(R, n_probes)`` per-probe weights, one row per resample; each ``rank{k}`` is then an ``(R,)``
     array (NaN for a row weighing no probe) and the CMC is left out.

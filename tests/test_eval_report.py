@@ -24,6 +24,8 @@ from cycle.data import build_splits, load_image, make_loader
 from cycle.degrade import upsample
 from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
 from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs
+from eval.bootstrap import identity_resamples, paired_difference
+from eval.protocols import identification_split
 from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
 
 FIGURES = ("roc", "cmc", "scores", "quality", "samples")
@@ -235,22 +237,36 @@ def test_bad_resolution_is_rejected(smoke, tmp_path):
 # ------------------------------------------------------------------------------------ report rendering
 
 
-def test_regressions_and_bold_best_in_markdown():
+def test_bold_and_regressions_need_the_paired_interval_to_exclude_zero():
     table = {
         "hr": {"auc": 0.99, "eer": 0.01, "rank1": 1.0},
-        "initial": {"psnr": 25.0, "auc": 0.93, "eer": 0.10, "rank1": 0.80, "tar@far=1e-3": None},
-        "cyclic": {"psnr": 24.5, "auc": 0.91, "eer": 0.08, "rank1": 0.80, "tar@far=1e-3": None},
+        "initial": {"psnr": 25.0, "auc": 0.93, "auc_ci95": [0.92, 0.94], "eer": 0.10, "rank1": 0.80,
+                    "tar@far=1e-3": None},
+        "cyclic": {"psnr": 24.5, "auc": 0.91, "auc_ci95": [0.90, 0.92], "eer": 0.08, "rank1": 0.80,
+                   "tar@far=1e-3": None},
     }
-    regs = regressions(table)
-    assert "cyclic is worse than initial on AUC (0.9100 vs 0.9300)" in regs
-    assert "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)" in regs
-    assert not any("EER" in r or "rank-1" in r for r in regs)  # lower EER is better; equal rank-1 is no loss
+    comparisons = {"cyclic vs initial": {
+        "auc": {"diff": -0.02, "ci95": [-0.03, -0.01], "verdict": "worse"},
+        "psnr": {"diff": -0.5, "ci95": [-1.1, 0.1], "verdict": "within noise"},
+        "eer": {"diff": -0.02, "ci95": [-0.05, 0.01], "verdict": "within noise"}}}
+    best = {"auc": {"method": "initial", "bold": True, "vs": "cyclic", "diff": 0.02, "ci95": [0.01, 0.03],
+                    "verdict": "better"},
+            "eer": {"method": "cyclic", "bold": False, "vs": "initial", "diff": -0.02, "ci95": [-0.05, 0.01],
+                    "verdict": "within noise"}}
+    regs = regressions(table, comparisons)
+    assert regs == ["cyclic is worse than initial on AUC (0.9100 vs 0.9300; difference -0.02, "
+                    "95 % interval [-0.03, -0.01])"]  # PSNR is worse too, but within noise
+    # without intervals (eval.bootstrap=0) every difference at the shown precision is stated
+    assert "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)" in regressions(table)
     md = render_markdown({"16": table, "skipped": {"16": {"bicubic": "x absent"}}, "regressions": {"16": regs},
-                          "notes": ["a note"], "config": {"eval": {"folds": 10}}, "protocol": {}})
+                          "comparisons": {"16": comparisons}, "best": {"16": best}, "notes": ["a note"],
+                          "config": {"eval": {"folds": 10}}, "protocol": {}})
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    assert "**0.9300**" in rows["initial"] and "**0.0800**" in rows["cyclic"]  # AUC max, EER min
-    assert "**0.8000**" in rows["initial"] and "**0.8000**" in rows["cyclic"]  # ties both bold
+    assert "**0.9300** [0.9200, 0.9400]" in rows["initial"] and "0.9100 [0.9000, 0.9200]" in rows["cyclic"]
+    assert "**0.0800**" not in rows["cyclic"]  # best EER, but within noise: not bold
+    assert "EER (cyclic vs initial, difference -0.02, 95 % interval [-0.05, 0.01])" in md
     assert "**" not in rows["hr"] and "| - |" in rows["hr"] and "n/a" in rows["cyclic"]
+    assert "- cyclic vs initial on PSNR (dB): 24.50 vs 25.00, within noise" in md
     assert "- `bicubic`: x absent" in md and "- cyclic is worse than initial on AUC" in md and "- a note" in md
 
 
@@ -272,6 +288,46 @@ def test_score_method_100k_pairs_in_seconds():
     assert m["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
     assert m["num_genuine"] == m["num_impostor"] == 50_000 and 0.5 < m["accuracy"] <= 1
     assert np.isfinite(m["tar@far=1e-4"]) and curves["cmc"].size == ids and curves["cmc"][-1] == 1.0
+
+
+def test_score_method_bootstrap_6000_pairs_fast_and_paired():
+    """The demo's size: 6,000 pairs of 60 identities, 1000 resamples of the identities."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(60), 14)
+    centers = rng.standard_normal((60, 512)).astype(np.float32)
+    hr = centers[labels] + 2.5 * rng.standard_normal((labels.size, 512)).astype(np.float32)
+    sr = hr + 2.5 * rng.standard_normal(hr.shape).astype(np.float32)
+    worse = sr + 3.0 * rng.standard_normal(hr.shape).astype(np.float32)
+    ia, ib, same, fold = balanced_fold_pairs(labels, 6000, 0)
+    gallery, probes = identification_split(labels, 0)
+    counts = identity_resamples(60, 1000, seed=0)
+    kw = dict(fold_ids=fold, gallery_idx=gallery, probe_idx=probes, resamples=counts)
+    score_method(sr, hr, labels, ia, ib, same, **kw)  # warm-up
+    t0 = time.perf_counter()
+    m, curves = score_method(sr, hr, labels, ia, ib, same, **kw)
+    dt = time.perf_counter() - t0
+    assert dt < 6, f"bootstrap of 6000 pairs took {dt:.1f} s"  # ~0.3 s on an idle 2-core CPU (make bench)
+    for k in ("auc", "eer", "tar@far=1e-2", "accuracy", "d_prime", "rank1", "rank20"):
+        lo, hi = m[k + "_ci95"]
+        assert lo < m[k] < hi or lo == m[k] == hi, k
+        assert curves["bootstrap"][k].shape == (1000,)
+    assert 0.005 < m["auc_ci95"][1] - m["auc_ci95"][0] < 0.05  # identity-level noise of 60 identities
+    # the same resamples for another method: paired differences
+    m2, c2 = score_method(worse, hr, labels, ia, ib, same, **kw)
+    d = paired_difference(curves["bootstrap"]["auc"], c2["bootstrap"]["auc"], m["auc"], m2["auc"])
+    assert d["verdict"] == "better" and d["diff"] == pytest.approx(m["auc"] - m2["auc"]) and d["ci95"][0] > 0
+    same_method = paired_difference(curves["bootstrap"]["auc"], curves["bootstrap"]["auc"], m["auc"], m["auc"])
+    assert same_method == {"diff": 0.0, "ci95": [0.0, 0.0], "verdict": "within noise"}
+
+
+def test_single_fold_pairs_skip_accuracy_with_a_note():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20, 8))
+    labels = np.repeat(np.arange(10), 2)
+    ia, ib, same = balanced_pairs(labels, 20, 0)
+    m, _ = score_method(emb, emb, labels, ia, ib, same, fold_ids=np.zeros(ia.size, int))
+    assert np.isnan(m["accuracy"]) and np.isfinite(m["auc"])
+    assert any("single fold" in n for n in m["notes"])
 
 
 # ------------------------------------------------------------------------------------ LFW pairs.txt
@@ -335,6 +391,19 @@ def test_lfw_pairs_end_to_end_10_folds(tmp_path, edgeface_payloads):
     assert res["16"]["hr"]["accuracy_std"] == pytest.approx(std, abs=1e-12)
     assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(lp.is_same, scores), abs=1e-6)
     assert "LFW-format" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_one_fold_pairs_file_skips_accuracy_with_a_note(tmp_path, edgeface_payloads):
+    root, _ = _lfw_case(tmp_path)
+    lines = ["4"] + [f"Person_{k} 1 2" for k in range(4)] + [f"Person_{k} 1 Person_{k + 4} 3" for k in range(4)]
+    (tmp_path / "devtest.txt").write_text("\n".join(lines) + "\n")  # pairsDevTest.txt layout: one fold
+    cfg = _lfw_cfg(tmp_path, root, tmp_path / "devtest.txt")
+    publish(cfg, edgeface_payloads, names=("edgeface_pretrained",))
+    evaluate(cfg, tmp_path / "eval", ["16"])
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["protocol"]["num_folds"] == 1 and res["16"]["hr"]["accuracy"] is None
+    assert res["16"]["hr"]["auc"] is not None and res["16"]["hr"]["auc_ci95"] is not None
+    assert any("accuracy not computed: the pairs form a single fold" in n for n in res["notes"])
 
 
 def test_lfw_missing_and_unreadable_images(tmp_path, edgeface_payloads):
