@@ -34,11 +34,10 @@ def identity_resamples(num_identities: int, num_resamples: int, seed: int) -> np
 
 
 def weights_for(counts: np.ndarray, identity: np.ndarray) -> np.ndarray:
-    """Per-sample weights ``(resamples, samples)``: each sample counts as often as its identity was drawn.
-
-    ``identity``: column of ``counts`` of every sample (pair: its probe's identity; image: its own).
+    """Per-sample integer weights ``(resamples, samples)``: each sample counts as often as its identity was
+    drawn. ``identity``: column of ``counts`` of every sample (pair: its probe's identity; image: its own).
     """
-    return counts[:, np.asarray(identity, np.int64)].astype(np.float64)
+    return counts[:, np.asarray(identity, np.int64)]
 
 
 def weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
