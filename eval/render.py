@@ -143,7 +143,8 @@ def render_markdown(results: dict) -> str:
                 cells = []
                 for metric, _, fmt, _ in COLUMNS:
                     cell = _fmt(v.get(metric), fmt) if metric in v else "-"
-                    if best.get(metric, {}).get("bold") and best[metric]["method"] == m:
+                    b = best.get(metric, {})
+                    if b.get("bold") and m in (b["method"], *b.get("tied", ())):
                         cell = f"**{cell}**"
                     ci = v.get(metric + CI)
                     if ci:

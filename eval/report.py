@@ -12,10 +12,11 @@ Outputs in ``out_dir``: results.json ``{"<res>": {"<method>": {metric: value, "<
 "comparisons", "best", "config", "artifacts", "skipped", "notes", "regressions", "protocol"}`` (NaN as null),
 report.md and figures/. Previous outputs there are moved to ``history/<time>/``, never overwritten.
 
-Intervals: ``eval.bootstrap`` resamples of the test identities (``eval.bootstrap``, one seeded count matrix
-for every method and resolution, so differences are paired). ``comparisons[res]["<later> vs <earlier>"]
+Intervals: ``eval.bootstrap`` resamples of the test identities (one seeded count matrix for every method
+and resolution, so differences are paired). ``comparisons[res]["<later> vs <earlier>"]
 [metric]`` = {diff, ci95, verdict} for the stage pairs of ``eval.render.COMPARISONS``; ``best[res][metric]``
-names the best VLR method and whether its paired difference to every other excludes zero (``bold``).
+names the best VLR method (``tied``: methods with identical values in every resample, e.g. one DSR's PSNR
+under two EdgeFaces) and whether its paired difference to every other excludes zero (``bold``).
 
 Returns the flat dict that ``stage=cycle`` logs as its final metrics: the headline metrics (``HEADLINE``
 and every ``tar@far=...``) of every evaluated method, keyed ``"<method>/<metric>"`` (e.g. ``cyclic/auc``)
@@ -84,13 +85,15 @@ def _comparisons(table: dict[str, dict], samples: dict[str, dict]) -> tuple[dict
         if len(vals) < 2 or not sign:
             continue
         top = (max if sign > 0 else min)(vals, key=vals.get)
+        tied = [m for m in vals if m != top and np.array_equal(samples[m][metric], samples[top][metric])
+                and vals[m] == vals[top]]
         # the weakest comparison decides: the best must beat every other VLR method, not just the runner-up
         diffs = {m: paired_difference(samples[top][metric], samples[m][metric], vals[top], vals[m], sign > 0)
-                 for m in vals if m != top}
+                 for m in vals if m != top and m not in tied}
         diffs = {m: d for m, d in diffs.items() if d is not None}
         if diffs:
             vs = min(diffs, key=lambda m: sign * diffs[m]["ci95"][0 if sign > 0 else 1])
-            best[metric] = {"method": top, "bold": all(d["verdict"] == "better" for d in diffs.values()),
+            best[metric] = {"method": top, "tied": tied, "bold": all(d["verdict"] == "better" for d in diffs.values()),
                             "vs": vs, **diffs[vs]}
     return pairs, best
 

@@ -270,6 +270,30 @@ def test_bold_and_regressions_need_the_paired_interval_to_exclude_zero():
     assert "- `bicubic`: x absent" in md and "- cyclic is worse than initial on AUC" in md and "- a note" in md
 
 
+def test_best_must_beat_every_other_method_and_ties_share_it():
+    from eval.report import _comparisons
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.3, 1000)  # identity-level noise shared by all methods (paired resamples)
+    samples = {"bicubic": {"psnr": 24.0 + base}, "initial": {"psnr": 25.5 + base},
+               "initial_ft": {"psnr": 25.5 + base},  # the same DSR images: identical in every resample
+               "cyclic": {"psnr": 25.0 + base + rng.normal(0, 0.05, 1000)}}
+    table = {m: {"psnr": float(np.median(s["psnr"]))} for m, s in samples.items()}
+    table["initial_ft"]["psnr"] = table["initial"]["psnr"]
+    comparisons, best = _comparisons(table, samples)
+    b = best["psnr"]
+    assert b["bold"] and {b["method"], *b["tied"]} == {"initial", "initial_ft"} and b["vs"] == "cyclic"
+    assert comparisons["initial_ft vs initial"]["psnr"]["verdict"] == "within noise"
+    assert comparisons["initial vs bicubic"]["psnr"]["verdict"] == "better"
+    assert comparisons["cyclic vs initial"]["psnr"]["verdict"] == "worse"
+    # a 2nd cycle 0.01 dB better, with per-resample noise of 0.05 dB: best, but within noise -> not bold
+    samples["cyclic2"] = {"psnr": 25.51 + base + rng.normal(0, 0.05, 1000)}
+    table["cyclic2"] = {"psnr": table["initial"]["psnr"] + 0.01}
+    _, best = _comparisons(table, samples)
+    assert best["psnr"]["method"] == "cyclic2" and not best["psnr"]["bold"]
+    assert best["psnr"]["verdict"] == "within noise" and best["psnr"]["vs"] in ("initial", "initial_ft")
+
+
 def test_score_method_100k_pairs_in_seconds():
     rng = np.random.default_rng(0)
     ids, per, dim = 2000, 10, 512
