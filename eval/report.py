@@ -55,7 +55,8 @@ __all__ = ["METHODS", "Method", "EvaluationError", "evaluate", "score_method", "
            "regressions", "lfw_faces"]
 
 # Metrics in the flat dict evaluate() returns (plus every tar@far=...); results.json has them all.
-HEADLINE = ("psnr", "ssim", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime", "genuine_mean", "impostor_mean")
+HEADLINE = ("psnr", "ssim", "psnr_y", "ssim_y", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime", "genuine_mean",
+            "impostor_mean")
 COLLAPSE_GAP = 0.05  # genuine - impostor mean cosine below this: embeddings may have collapsed
 
 
