@@ -89,8 +89,9 @@ def _protocol_text(results: dict) -> list[str]:
     if info.get("kind") == "lfw":
         lines = [f"- Pairs: LFW-format `{info['pairs_file']}` (images under `{info['root']}`): "
                  f"{info['num_pairs']} pairs ({info['num_genuine']} genuine) of {info['num_identities']} "
-                 f"identities; accuracy over its {info['num_folds']} folds, each threshold chosen on the other "
-                 "folds only."]
+                 "identities; "
+                 + (f"accuracy over its {info['num_folds']} folds, each threshold chosen on the other folds only."
+                    if info.get("num_folds", 2) > 1 else "one fold, so no k-fold accuracy.")]
         if info.get("num_dropped"):
             lines.append(f"- {info['num_dropped']} pairs dropped for missing/unreadable images "
                          "(eval.allow_missing=true).")

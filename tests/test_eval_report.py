@@ -428,6 +428,7 @@ def test_one_fold_pairs_file_skips_accuracy_with_a_note(tmp_path, edgeface_paylo
     assert res["protocol"]["num_folds"] == 1 and res["16"]["hr"]["accuracy"] is None
     assert res["16"]["hr"]["auc"] is not None and res["16"]["hr"]["auc_ci95"] is not None
     assert any("accuracy not computed: the pairs form a single fold" in n for n in res["notes"])
+    assert "one fold, so no k-fold accuracy" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_lfw_missing_and_unreadable_images(tmp_path, edgeface_payloads):
