@@ -310,12 +310,16 @@ def far_key(far: float) -> str:
 
 
 def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row weighted mean and standard deviation (ddof=0), two-pass for accuracy."""
+    """Per-row weighted mean and standard deviation (ddof=0): two matrix-vector products on scores
+    centred first, so E[x^2] - E[x]^2 does not cancel."""
+    c = x.mean()
+    xc = x - c
+    w = w.astype(np.float64, copy=False)
     total = w.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):  # a row weighing nothing: NaN
-        mean = w @ x / total
-        d = x[None, :] - mean[:, None]
-        return mean, np.sqrt((w * d * d).sum(1) / total)
+        m1 = w @ xc / total
+        var = np.maximum(w @ (xc * xc) / total - m1 * m1, 0.0)
+    return m1 + c, np.sqrt(var)
 
 
 def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3, 1e-2, 1e-1),
