@@ -1,5 +1,6 @@
 """`make bench`: training-step speed, FLOPs and memory of every stage; the DSR against the prototype's;
-data loading; evaluation. Writes results.json and results.md (a markdown table) into --out.
+data loading; evaluation (pair scoring, bootstrap intervals). Writes results.json and results.md (a markdown
+table) into --out.
 
     python -m bench.run                      # CPU, 2 threads, everything (< 10 min on a 2-core CPU)
     python -m bench.run --device cuda        # GPU: bf16 autocast where supported
@@ -306,6 +307,43 @@ def bench_eval(num_images: int = 10_000, num_ids: int = 500, dim: int = 512, num
             "seconds": sec, "total_s": sum(sec.values()), "runs": parts, "auc": m["auc"]}
 
 
+def bench_bootstrap(num_ids: int = 60, per_id: int = 14, dim: int = 512, num_pairs: int = 6000,
+                    resamples: int = 1000, reps: int = 5, seed: int = 0) -> dict:
+    """Seconds to score one method with and without 95 % bootstrap intervals (`eval.scoring.score_method`).
+
+    The demo's test set by default: 60 identities x 14 images, 6,000 pairs in 10 identity-disjoint folds,
+    one HR gallery image per identity, 1000 resamples of the identities (eval.bootstrap).
+    """
+    from eval.bootstrap import identity_resamples
+    from eval.protocols import balanced_fold_pairs, identification_split
+    from eval.scoring import score_method
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_ids), per_id)
+    centres = rng.standard_normal((num_ids, dim)).astype(np.float32)
+    hr = centres[labels] + 2.5 * rng.standard_normal((labels.size, dim)).astype(np.float32)
+    sr = hr + 2.5 * rng.standard_normal(hr.shape).astype(np.float32)
+    a, b, same, fold = balanced_fold_pairs(labels, num_pairs, seed)
+    gallery, probes = identification_split(labels, seed)
+    kw = dict(fold_ids=fold, gallery_idx=gallery, probe_idx=probes)
+    parts: dict[str, list[float]] = {"identity_resamples": [], "score_method": [], "score_method + bootstrap": []}
+    score_method(sr, hr, labels, a, b, same, **kw)  # warm-up
+    for _ in range(reps):
+        t = time.perf_counter()
+        counts = identity_resamples(num_ids, resamples, seed)
+        t1 = time.perf_counter()
+        score_method(sr, hr, labels, a, b, same, **kw)
+        t2 = time.perf_counter()
+        m, _ = score_method(sr, hr, labels, a, b, same, resamples=counts, **kw)
+        t3 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t, t2 - t1, t3 - t2)):
+            parts[k].append(v)
+    sec = {k: median(v) for k, v in parts.items()}
+    sec["bootstrap (difference)"] = sec["score_method + bootstrap"] - sec["score_method"]
+    return {"num_ids": num_ids, "num_images": int(labels.size), "num_pairs": int(a.size), "resamples": resamples,
+            "folds": int(np.unique(fold).size), "seconds": sec, "runs": parts, "auc_ci95": m["auc_ci95"]}
+
+
 # ---------------------------------------------------------------- report
 
 def render_markdown(r: dict) -> str:
@@ -372,6 +410,13 @@ def render_markdown(r: dict) -> str:
                   f"({ev['num_ids']:,} identities); median of {len(ev['runs']['balanced_pairs'])} runs.", ""]
         rows = [[k, fmt(v, ".3f")] for k, v in ev["seconds"].items()] + [["total", fmt(ev["total_s"], ".3f")]]
         lines += [md_table(["step", "seconds"], rows), ""]
+    if r.get("bootstrap"):
+        bs = r["bootstrap"]
+        lines += [f"Bootstrap intervals (`eval.scoring.score_method`, all verification and identification metrics "
+                  f"with 95 % intervals): {bs['num_pairs']:,} pairs of {bs['num_ids']} identities ({bs['num_images']} "
+                  f"images, {bs['folds']} identity-disjoint folds), {bs['resamples']} resamples of the identities; "
+                  f"median of {len(bs['runs']['score_method'])} runs.", ""]
+        lines += [md_table(["step", "seconds"], [[k, fmt(v, ".3f")] for k, v in bs["seconds"].items()]), ""]
     return "\n".join(lines)
 
 
@@ -491,6 +536,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["eval"] = (bench_eval(num_images=600, num_ids=30, dim=64, num_pairs=2000, reps=1) if quick
                            else bench_eval())
         say(f"eval: {results['eval']['total_s']:.2f} s for {results['eval']['num_pairs']} pairs")
+        results["bootstrap"] = (bench_bootstrap(num_ids=12, per_id=4, dim=32, num_pairs=200, reps=1) if quick
+                                else bench_bootstrap())
+        bs = results["bootstrap"]
+        say(f"bootstrap: {bs['seconds']['score_method + bootstrap']:.2f} s for {bs['num_pairs']} pairs "
+            f"x {bs['resamples']} resamples")
     probe()
 
     best = {via: max(got) for via, got in probes.items()}

@@ -17,6 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 DOWN_MODES = ("area", "bicubic", "lanczos")
+# The kernels in words, for reports: published numbers depend on them (MATLAB imresize, which most SR papers
+# use, is bicubic a = -0.5 with anti-aliasing; torch and OpenCV bicubic up-sampling use a = -0.75).
+DOWN_KERNELS = {
+    "area": "box average over each output pixel's footprint (torch 'area')",
+    "bicubic": "anti-aliased bicubic (Keys a = -0.5, kernel stretched by the scale factor; PIL BICUBIC, "
+               "the kernel of MATLAB imresize)",
+    "lanczos": "anti-aliased Lanczos-3 (kernel stretched by the scale factor; PIL LANCZOS)",
+}
+UPSAMPLE_KERNEL = ("bicubic, Keys a = -0.75, align_corners=False, no anti-aliasing, clamped to [0, 1] "
+                   "(torch F.interpolate)")
 DEFAULTS = {"down": "area", "blur_sigma": 0.0, "noise_std": 0.0, "jpeg_quality": None}
 
 

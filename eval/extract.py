@@ -3,7 +3,8 @@
 The VLR faces are ``cycle.degrade.degrade`` of the HR faces (the training degradation, deterministic
 noise from ``eval.seed``), made by the evaluation loader. One pass over the faces makes each image source
 (HR, bicubic, each DSR) once per batch, embeds it through each method's EdgeFace, measures its PSNR/SSIM
-against HR and keeps a few sample images for the figures.
+against HR (on RGB and on the BT.601 Y channel, ``eval.crop_border`` pixels cropped from each border, as
+BasicSR) and keeps a few sample images for the figures.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from eval.methods import PRETRAINED, Method
 from eval.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
+
+QUALITY_KEYS = ("psnr", "ssim", "psnr_y", "ssim_y")  # per-image image quality against HR: RGB, then Y
 
 
 def _at_res(cfg: DictConfig, res: str) -> DictConfig:
@@ -65,7 +68,7 @@ def _load(kind: str, name: str | None, cfg: DictConfig, store: ArtifactStore, de
 class _Extraction:
     emb: dict            # method -> (N, D) float32 probe embeddings
     hr_emb: dict         # EdgeFace artifact (None = pretrained) -> (N, D) HR embeddings
-    quality: dict        # image source -> (psnr (N,), ssim (N,))
+    quality: dict        # image source -> {"psnr", "ssim", "psnr_y", "ssim_y"} -> (N,) per image
     samples: dict        # image source (+ "vlr") -> (n, 3, H, W) float32, in sample order
 
 
@@ -79,7 +82,8 @@ def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], m
     n = len(faces)
     emb: dict[str, np.ndarray] = {}
     hr_emb: dict[str | None, np.ndarray] = {}
-    quality: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    quality: dict[str, dict[str, np.ndarray]] = {}
+    crop = int(ev.get("crop_border") or 0)
     picked: dict[str, list] = {}
     picked_idx: list[np.ndarray] = []
     ef_keys = list(dict.fromkeys(m.edgeface for m in methods))
@@ -101,8 +105,11 @@ def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], m
             if m.source not in images:
                 img = upsample(lr) if m.source == "bicubic" else models.dsrs[m.source](lr).float().clamp(0, 1)
                 images[m.source] = img
-                q = quality.setdefault(m.source, (np.zeros(n), np.zeros(n)))
-                q[0][idx], q[1][idx] = psnr(img.cpu(), hr_cpu), ssim(img.cpu(), hr_cpu)
+                q = quality.setdefault(m.source, {k: np.zeros(n) for k in QUALITY_KEYS})
+                for y_channel, suffix in ((False, ""), (True, "_y")):
+                    kw = dict(crop_border=crop, y_channel=y_channel)
+                    q["psnr" + suffix][idx] = psnr(img.cpu(), hr_cpu, **kw)
+                    q["ssim" + suffix][idx] = ssim(img.cpu(), hr_cpu, **kw)
             if m.source == "hr":
                 emb[m.name] = hr_emb[m.edgeface]
             else:

@@ -19,6 +19,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ __all__ = [
     "far_key",
     "kfold_accuracy",
     "identification",
+    "identification_ranks",
+    "rank_accuracy",
     "pair_scores",
     "pair_scores_indexed",
 ]
@@ -238,17 +241,54 @@ def _scores(a, name: str) -> np.ndarray:
     return s
 
 
-def _roc_counts(genuine: np.ndarray, impostor: np.ndarray):
-    """Cumulative (accepted impostors, accepted genuines, threshold) at each distinct score, descending."""
+def _weights(weights, n: int, name: str = "weights") -> np.ndarray:
+    """(R, n) per-sample weights, one row per resample (integer counts stay integers, anything else is
+    float64); None = one row of ones (every sample once)."""
+    if weights is None:
+        return np.ones((1, n), np.int32)
+    w = _to_numpy(weights)
+    w = w if np.issubdtype(w.dtype, np.integer) else w.astype(np.float64)
+    if w.ndim != 2 or w.shape[1] != n:
+        raise ValueError(f"{name}: expected shape (resamples, {n}), got {w.shape}")
+    if w.size and (not np.all(np.isfinite(w)) or w.min() < 0):
+        raise ValueError(f"{name}: weights must be finite and >= 0")
+    return w
+
+
+def _work_dtype(w: np.ndarray):
+    """Dtype for cumulative sums of weights: int32 for counts whose sums fit (exact, and half the memory
+    traffic of float64), int64 for larger counts, else float64."""
+    if not np.issubdtype(w.dtype, np.integer):
+        return np.float64
+    return np.int32 if w.size == 0 or int(w.max()) * w.shape[1] < 2**31 else np.int64
+
+
+def _cumsum0(w: np.ndarray) -> np.ndarray:
+    """Row-wise cumulative sums with a leading zero column: out[:, m] = sum of the first m columns."""
+    out = np.empty((w.shape[0], w.shape[1] + 1), w.dtype)
+    out[:, 0] = 0
+    np.cumsum(w, axis=1, out=out[:, 1:])
+    return out
+
+
+def _roc_counts(genuine: np.ndarray, impostor: np.ndarray, weights: np.ndarray):
+    """Cumulative (accepted impostor weight, accepted genuine weight) at each distinct score, descending,
+    per weight row: ``(R, distinct + 1)`` arrays, and the thresholds.
+
+    ``weights`` is ``(R, n_genuine + n_impostor)``; a row of ones counts pairs. Integer weights (bootstrap
+    counts) are summed exactly, as integers.
+    """
     scores = np.concatenate([genuine, impostor])
-    labels = np.concatenate([np.ones(genuine.size, np.int64), np.zeros(impostor.size, np.int64)])
     order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
+    scores = scores[order]
     last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct value
-    tps = np.cumsum(labels)[last]
-    fps = last + 1 - tps
+    is_gen = order < genuine.size
+    n_gen_upto = np.r_[0, np.cumsum(is_gen)[last]]  # genuines among the pairs accepted at each point
+    w = weights.astype(_work_dtype(weights), copy=False)  # no copy for int32 bootstrap counts
     # Leading point (0, 0) with threshold +inf, as sklearn >= 1.3.
-    return np.r_[0, fps], np.r_[0, tps], np.r_[np.inf, scores[last]]
+    tps = _cumsum0(w[:, order[is_gen]])[:, n_gen_upto]
+    fps = _cumsum0(w[:, order[~is_gen]])[:, np.r_[0, last + 1] - n_gen_upto]
+    return fps.astype(np.float64), tps.astype(np.float64), np.r_[np.inf, scores[last]]
 
 
 def roc(genuine, impostor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -258,8 +298,8 @@ def roc(genuine, impostor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     concatenated genuine (label 1) / impostor (label 0) scores. Thresholds are decreasing.
     """
     g, i = _scores(genuine, "genuine"), _scores(impostor, "impostor")
-    fps, tps, thr = _roc_counts(g, i)
-    return fps / i.size, tps / g.size, thr
+    fps, tps, thr = _roc_counts(g, i, _weights(None, g.size + i.size))
+    return fps[0] / i.size, tps[0] / g.size, thr
 
 
 def far_key(far: float) -> str:
@@ -269,7 +309,21 @@ def far_key(far: float) -> str:
     return f"tar@far={short if float(short) == far else f'{far:g}'}"
 
 
-def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row weighted mean and standard deviation (ddof=0): two matrix-vector products on scores
+    centred first, so E[x^2] - E[x]^2 does not cancel."""
+    c = x.mean()
+    xc = x - c
+    w = w.astype(np.float64, copy=False)
+    total = w.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row weighing nothing: NaN
+        m1 = w @ xc / total
+        var = np.maximum(w @ (xc * xc) / total - m1 * m1, 0.0)
+    return m1 + c, np.sqrt(var)
+
+
+def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+                         weights=None) -> dict:
     """Verification metrics from genuine and impostor similarity scores.
 
     Returns a dict of floats/ints plus ``'notes'`` (list of str, empty when nothing to report):
@@ -284,69 +338,108 @@ def verification_metrics(genuine, impostor, fars: Iterable[float] = (1e-4, 1e-3,
       non-zero FAR <= target exists, so the value is NaN and a line in ``notes`` says so.
     * ``d_prime`` = |mu_g - mu_i| / sqrt((var_g + var_i) / 2) (population variances, ddof=0).
     * ``genuine_mean/std``, ``impostor_mean/std`` (ddof=0), ``num_genuine``, ``num_impostor``.
+
+    ``weights``: optional ``(R, n_genuine + n_impostor)`` non-negative weights per pair (genuine first),
+    one row per resample, e.g. bootstrap counts. Every metric above is then computed once per row, by the
+    same code, and returned as an ``(R,)`` array (NaN where a row weighs no genuine or no impostor pair);
+    counts and notes are left out. Integer weights give the metrics of the sample with each pair repeated
+    that often (thresholds may then sit at a zero-weight score with the same TAR/FAR).
     """
     g, i = _scores(genuine, "genuine"), _scores(impostor, "impostor")
-    fps, tps, thr = _roc_counts(g, i)
-    far, tar = fps / i.size, tps / g.size
-    out: dict = {"auc": float(np.trapezoid(tar, far))}
+    w = _weights(weights, g.size + i.size)
+    fps, tps, thr = _roc_counts(g, i, w)
+    n_gen, n_imp = tps[:, -1], fps[:, -1]
+    rows = np.arange(w.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        far, tar = fps / n_imp[:, None], tps / n_gen[:, None]
+    empty = (n_gen <= 0) | (n_imp <= 0)
+    # trapezoids under the ROC (== np.trapezoid(tar, far)), one fused multiply-sum per row
+    out: dict = {"auc": np.einsum("ij,ij->i", np.diff(far, axis=1), tar[:, 1:] + tar[:, :-1]) / 2}
 
     fnr = 1.0 - tar
-    k = int(np.argmax(fnr <= far))  # exists: at the last point FAR = 1 >= FNR = 0
-    d0, d1 = fnr[k - 1] - far[k - 1], fnr[k] - far[k]  # k >= 1 because FNR = 1 > FAR = 0 at k = 0
-    t = d0 / (d0 - d1)
-    out["eer"] = float(far[k - 1] + t * (far[k] - far[k - 1]))
-    out["eer_threshold"] = float(thr[k])
+    k = np.maximum(np.argmax(fnr <= far, axis=1), 1)  # exists: at the last point FAR = 1 >= FNR = 0
+    d0, d1 = fnr[rows, k - 1] - far[rows, k - 1], fnr[rows, k] - far[rows, k]  # k >= 1: FNR(0) = 1 > FAR(0) = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = d0 / (d0 - d1)
+    out["eer"] = far[rows, k - 1] + t * (far[rows, k] - far[rows, k - 1])
+    out["eer_threshold"] = thr[k]
 
     notes: list[str] = []
     for target in fars:
         key = far_key(target)
         need = math.ceil(round(1.0 / target, 9))
-        if i.size < need:
-            out[key] = out["threshold" + key[3:]] = float("nan")
+        allowed = np.floor(target * n_imp * (1 + 1e-9))  # impostor weight that may be accepted
+        j = (fps <= allowed[:, None]).sum(1) - 1  # fps is non-decreasing along each row
+        short = n_imp < need  # no non-zero FAR <= target exists
+        out[key] = np.where(short, np.nan, tar[rows, j])
+        out["threshold" + key[3:]] = np.where(short, np.nan, thr[j])
+        if weights is None and short[0]:
             notes.append(f"{key} is NaN: needs >= {need} impostor scores, have {i.size}")
-            continue
-        allowed = math.floor(target * i.size * (1 + 1e-9))  # impostors that may be accepted
-        j = int(np.searchsorted(fps, allowed, side="right")) - 1  # fps is non-decreasing
-        out[key] = float(tar[j])
-        out["threshold" + key[3:]] = float(thr[j])
 
-    gm, gs, im, is_ = g.mean(), g.std(), i.mean(), i.std()
-    den = math.sqrt((gs**2 + is_**2) / 2)
-    diff = abs(gm - im)
-    out["d_prime"] = float(diff / den) if den > 0 else (float("inf") if diff > 0 else 0.0)
-    out.update(
-        genuine_mean=float(gm), genuine_std=float(gs), impostor_mean=float(im), impostor_std=float(is_),
-        num_genuine=int(g.size), num_impostor=int(i.size), notes=notes,
-    )
+    gm, gs = _weighted_moments(g, w[:, :g.size])
+    im, is_ = _weighted_moments(i, w[:, g.size:])
+    den, diff = np.sqrt((gs**2 + is_**2) / 2), np.abs(gm - im)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["d_prime"] = np.where(den > 0, diff / den, np.where(diff > 0, np.inf, 0.0))
+    out.update(genuine_mean=gm, genuine_std=gs, impostor_mean=im, impostor_std=is_)
+    for key, v in out.items():
+        v[empty] = np.nan
+    if weights is not None:
+        return out
+    out = {key: float(v[0]) for key, v in out.items()}
+    out.update(num_genuine=int(g.size), num_impostor=int(i.size), notes=notes)
     return out
 
 
-def _best_threshold(scores: np.ndarray, is_same: np.ndarray) -> float:
-    """Threshold maximising accuracy of ``score >= t`` on these pairs.
+class _Below:
+    """Weight of a set of pairs scoring below x, per weight row: one sort and one cumulative sum, then
+    every query is a binary search (the k-fold search over thresholds never re-sorts or re-sums)."""
 
-    Candidates: -inf, the midpoints between consecutive distinct scores, +inf. Ties go to the
-    largest threshold (lowest FAR), as insightface's LFW evaluation does.
-    """
-    u, inv = np.unique(scores, return_inverse=True)
-    gen = np.bincount(inv, weights=is_same, minlength=u.size)
-    imp = np.bincount(inv, weights=~is_same, minlength=u.size)
-    # Candidate k accepts the distinct values u[k:]: correct = genuines >= u[k] + impostors < u[k].
-    correct = np.r_[np.cumsum(gen[::-1])[::-1], 0.0] + np.r_[0.0, np.cumsum(imp)]
-    k = correct.size - 1 - int(np.argmax(correct[::-1]))
-    if k == 0:
-        return -np.inf
-    if k == u.size:
-        return np.inf
-    return float((u[k - 1] + u[k]) / 2)
+    def __init__(self, s: np.ndarray, w: np.ndarray, mask: np.ndarray):
+        idx = np.flatnonzero(mask)
+        idx = idx[np.argsort(s[idx], kind="stable")]
+        self.s, self.cum = s[idx], _cumsum0(w[:, idx])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(R, len(x)): weight of the pairs with score < x."""
+        return self.cum[:, np.searchsorted(self.s, x, side="left")]
+
+    def per_row(self, x: np.ndarray) -> np.ndarray:
+        """(R,): weight of the pairs with score < x[r] in row r."""
+        return self.cum[np.arange(self.cum.shape[0]), np.searchsorted(self.s, x, side="left")]
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.cum[:, -1]
 
 
-def kfold_accuracy(scores, is_same, folds: int = 10, fold_ids=None) -> tuple[float, float, np.ndarray]:
+def _threshold_candidates(s: np.ndarray, is_same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct scores ``u`` of these pairs and the candidates ``k`` (accept ``u[k:]``) that can maximise the
+    accuracy for *any* non-negative weights: 0, len(u), and each k whose group k-1 holds an impostor and
+    group k a genuine (elsewhere moving the threshold by one group never loses). With positive weights
+    the largest maximiser is always among them, so the result equals a search over every midpoint."""
+    order = np.argsort(s, kind="stable")
+    s, lab = s[order], is_same[order]
+    first = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
+    has_gen = np.logical_or.reduceat(lab, first)
+    has_imp = np.logical_or.reduceat(~lab, first)
+    k = np.flatnonzero(has_imp[:-1] & has_gen[1:]) + 1
+    return s[first], np.r_[0, k, first.size]
+
+
+def kfold_accuracy(scores, is_same, folds: int = 10, fold_ids=None, weights=None):
     """K-fold verification accuracy; each fold's threshold is tuned on the *other* folds only.
 
-    ``fold_ids`` (one id per pair, e.g. the LFW pairs.txt folds) overrides ``folds``. Without it,
-    pairs are assigned round-robin per class in their given order, so every fold is balanced.
+    ``fold_ids`` (one id per pair: LFW pairs.txt folds, or the identity-disjoint folds of
+    ``eval.protocols.balanced_fold_pairs``) overrides ``folds``. Without it, pairs are assigned
+    round-robin per class in their given order, so every fold is balanced, but folds then share
+    identities: pass ``fold_ids`` for a protocol you publish.
     Returns (mean accuracy over folds, std over folds (ddof=0), thresholds per fold in sorted
     fold-id order).
+
+    ``weights``: optional ``(R, n_pairs)`` per-pair weights, one row per resample (bootstrap counts);
+    thresholds are re-tuned and accuracies weighted per row by the same code, and the result is the
+    ``(R,)`` array of mean accuracies over the folds a row weighs (NaN if none).
     """
     s = _scores(scores, "scores")
     same = _to_numpy(is_same).astype(bool).ravel()
@@ -366,14 +459,32 @@ def kfold_accuracy(scores, is_same, folds: int = 10, fold_ids=None) -> tuple[flo
     ids = np.unique(fold_ids)
     if ids.size < 2:
         raise ValueError("k-fold accuracy needs at least 2 folds")
+    w = _weights(weights, s.size)
+    w = w.astype(_work_dtype(w), copy=False)
+    every_g, every_i = _Below(s, w, same), _Below(s, w, ~same)
     accs, thresholds = [], []
     for f in ids:
         test = fold_ids == f
-        t = _best_threshold(s[~test], same[~test])
-        accs.append(np.mean((s[test] >= t) == same[test]))
+        fold_g, fold_i = _Below(s, w, test & same), _Below(s, w, test & ~same)
+        # Threshold from the other folds: candidate k accepts u[k:]; correct = genuines >= u[k] + impostors
+        # < u[k] = (all genuines) - (genuines < u[k]) + (impostors < u[k]), over the training pairs only.
+        u, cand = _threshold_candidates(s[~test], same[~test])
+        x = np.r_[u, np.inf][cand]
+        gain = (every_i(x) - fold_i(x)) - (every_g(x) - fold_g(x))
+        k = cand[cand.size - 1 - np.argmax(gain[:, ::-1], axis=1)]  # ties: the largest threshold
+        mid = (u[np.clip(k - 1, 0, u.size - 1)] + u[np.minimum(k, u.size - 1)]) / 2
+        t = np.where(k == 0, -np.inf, np.where(k == u.size, np.inf, mid))
+        # test fold: genuines >= t and impostors < t
+        right = (fold_g.total - fold_g.per_row(t)) + fold_i.per_row(t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            accs.append(right.astype(np.float64) / (fold_g.total + fold_i.total).astype(np.float64))
         thresholds.append(t)
-    accs = np.asarray(accs)
-    return float(accs.mean()), float(accs.std()), np.asarray(thresholds)
+    accs = np.asarray(accs)  # (folds, R)
+    if weights is not None:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a row weighing no fold: NaN
+            return np.nanmean(accs, axis=0)
+    return float(accs[:, 0].mean()), float(accs[:, 0].std()), np.asarray(thresholds)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,20 +530,17 @@ def pair_scores_indexed(emb, idx_a, idx_b, emb_b=None, chunk: int = 16384) -> np
     return out
 
 
-def identification(
-    gallery_emb, gallery_labels, probe_emb, probe_labels, ranks: Sequence[int] = (1, 5, 10, 20)
-) -> dict:
-    """Closed-set identification: rank-k accuracy and CMC, cosine similarity.
+def identification_ranks(gallery_emb, gallery_labels, probe_emb, probe_labels) -> tuple[np.ndarray, int]:
+    """Closed-set rank of every probe (cosine similarity) and the number of gallery identities.
 
-    Similarities are one matrix product (probes x gallery). A gallery identity's score is its best
+    Similarities are one float64 matrix product (probes x gallery): float32 rounding would turn nearly
+    equal scores into ties, which count against the probe. A gallery identity's score is its best
     gallery image. A probe's rank is 1 + the number of *other* identities scoring >= its own
     identity (ties count against the probe, so collapsed embeddings cannot look perfect).
-    ``cmc[k-1]`` = fraction of probes with rank <= k, k = 1 .. number of gallery identities, so it
-    is non-decreasing and ends at 1; ``rank{k}`` beyond the gallery size is 1.0.
     The caller keeps each probe's own image out of the gallery; every probe label must be in it.
     """
-    g = _normalized(gallery_emb, "gallery_emb", np.float32)
-    p = _normalized(probe_emb, "probe_emb", np.float32)
+    g = _normalized(gallery_emb, "gallery_emb")
+    p = _normalized(probe_emb, "probe_emb")
     gl, pl = _to_numpy(gallery_labels).ravel(), _to_numpy(probe_labels).ravel()
     if gl.size != g.shape[0] or pl.size != p.shape[0]:
         raise ValueError("labels and embeddings have different lengths")
@@ -448,11 +556,10 @@ def identification(
             f"{int(absent.sum())} probes have labels absent from the gallery "
             f"(e.g. {missing[:5].tolist()}); closed-set identification needs every probe identity in it"
         )
-    n_ids = ids.size
     # Group gallery columns by identity so a per-identity max is one reduceat.
     order = np.argsort(g_id, kind="stable")
     starts = np.r_[0, np.flatnonzero(np.diff(g_id[order])) + 1]
-    one_per_id = g.shape[0] == n_ids
+    one_per_id = g.shape[0] == ids.size
     g_sorted = g[order].T.copy()
     rank = np.empty(p.shape[0], np.int64)
     for s in range(0, p.shape[0], 4096):  # bounds the (probes x gallery) matrix
@@ -461,7 +568,35 @@ def identification(
             sim = np.maximum.reduceat(sim, starts, axis=1)
         own = sim[np.arange(sim.shape[0]), pos[s : s + 4096]]
         rank[s : s + 4096] = (sim >= own[:, None]).sum(1)  # includes itself -> 1 + others >= own
-    cmc = np.bincount(rank - 1, minlength=n_ids).cumsum() / rank.size
-    out = {f"rank{k}": float(cmc[min(k, n_ids) - 1]) for k in ranks}
-    out.update(cmc=cmc, num_probes=int(rank.size), num_gallery_ids=int(n_ids))
-    return out
+    return rank, int(ids.size)
+
+
+def rank_accuracy(rank, num_ids: int, ranks: Sequence[int] = (1, 5, 10, 20), weights=None) -> dict:
+    """Rank-k accuracies and the CMC from probe ranks (``identification_ranks``).
+
+    ``cmc[k-1]`` = fraction of probes with rank <= k, k = 1 .. num_ids, so it is
+    non-decreasing and ends at 1; ``rank{k}`` beyond the gallery size is 1.0. ``weights``: optional
+    ``(R, n_probes)`` per-probe weights, one row per resample; each ``rank{k}`` is then an ``(R,)``
+    array (NaN for a row weighing no probe) and the CMC is left out.
+    """
+    rank = _to_numpy(rank).astype(np.int64).ravel()
+    w = _weights(weights, rank.size)
+    total = w.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {f"rank{k}": w @ (rank <= k) / total for k in ranks}  # k beyond the gallery: every probe
+    if weights is not None:
+        return out
+    cmc = np.bincount(rank - 1, minlength=num_ids).cumsum() / rank.size
+    return {**{k: float(v[0]) for k, v in out.items()}, "cmc": cmc}
+
+
+def identification(
+    gallery_emb, gallery_labels, probe_emb, probe_labels, ranks: Sequence[int] = (1, 5, 10, 20)
+) -> dict:
+    """Closed-set identification: rank-k accuracy and CMC, cosine similarity.
+
+    ``identification_ranks`` then ``rank_accuracy``: see them for the rules (float64 similarities,
+    ties against the probe, best gallery image per identity).
+    """
+    rank, n_ids = identification_ranks(gallery_emb, gallery_labels, probe_emb, probe_labels)
+    return {**rank_accuracy(rank, n_ids, ranks), "num_probes": int(rank.size), "num_gallery_ids": n_ids}

@@ -1,6 +1,7 @@
 """Evaluation protocols: which images are compared with which.
 
 * ``balanced_pairs``: balanced genuine/impostor verification pairs among (held-out) identities.
+* ``balanced_fold_pairs``: the same within identity-disjoint folds (LFW View 2 style k-fold protocol).
 * ``read_lfw_pairs`` / ``load_lfw_pairs``: the LFW ``pairs.txt`` 10-fold protocol.
 * ``identification_split``: closed-set gallery/probe split, one gallery image per identity.
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "balanced_pairs",
+    "balanced_fold_pairs",
+    "identity_folds",
     "identification_split",
     "LFWPair",
     "LFWPairs",
@@ -160,6 +163,57 @@ def balanced_pairs(labels, num_pairs: int, seed: int) -> tuple[np.ndarray, np.nd
     log.info("balanced_pairs: %d genuine + %d impostor pairs from %d identities (seed %d)",
              ga.size, ia.size, len(groups), seed)
     return a[perm].astype(np.int64), b[perm].astype(np.int64), same[perm]
+
+
+def identity_folds(labels, folds: int, seed: int) -> np.ndarray:
+    """Fold (0 .. folds-1) of every sample, identity-disjoint: whole identities are dealt to folds.
+
+    Identities are shuffled and dealt round-robin, those with >= 2 images first, so every fold gets
+    about as many identities and as many genuine-capable ones (each needs one to draw genuine pairs).
+    """
+    lab, groups = _identities(labels)
+    rng = np.random.default_rng(seed)
+    sizes = np.array([g.size for g in groups])
+    order = np.r_[rng.permutation(np.flatnonzero(sizes >= 2)), rng.permutation(np.flatnonzero(sizes < 2))]
+    fold_of_id = np.empty(len(groups), np.int64)
+    fold_of_id[order] = np.arange(order.size) % folds
+    return fold_of_id[lab]
+
+
+def balanced_fold_pairs(labels, num_pairs: int, seed: int, folds: int = 10
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Identity-disjoint k-fold verification pairs, like LFW's View 2.
+
+    Identities are assigned to folds (``identity_folds``), then ``balanced_pairs`` draws about
+    ``num_pairs / folds`` balanced pairs *within* each fold, so no identity (and no image) of a test fold
+    is seen when the threshold is tuned on the other folds. Returns ``(idx_a, idx_b, is_same, fold)``,
+    grouped by fold. Each fold needs 2 identities, one of them with >= 2 images: with fewer, the number
+    of folds is lowered (a warning says so; ``np.unique(fold).size`` is the number used).
+    """
+    lab, groups = _identities(labels)
+    eligible = sum(g.size >= 2 for g in groups)
+    k = min(int(folds), len(groups) // 2, eligible)
+    if k < 2:
+        raise ValueError(f"identity-disjoint folds need at least 4 identities, 2 of them with >= 2 images; "
+                         f"have {len(groups)} identities, {eligible} with >= 2 images")
+    if k < folds:
+        log.warning("balanced_fold_pairs: %d identities (%d with >= 2 images) allow %d identity-disjoint folds, "
+                    "not %d", len(groups), eligible, k, folds)
+    fold = identity_folds(lab, k, seed)
+    per_class = int(num_pairs) // 2
+    if per_class < k:
+        raise ValueError(f"num_pairs={num_pairs} gives fewer than one pair per class in each of {k} folds")
+    quota = per_class // k + (np.arange(k) < per_class % k)
+    seeds = np.random.default_rng(seed).integers(0, 2**62, k)
+    a, b, same, f_out = [], [], [], []
+    for f in range(k):
+        members = np.flatnonzero(fold == f)
+        ia, ib, s = balanced_pairs(lab[members], 2 * int(quota[f]), int(seeds[f]))
+        a.append(members[ia])
+        b.append(members[ib])
+        same.append(s)
+        f_out.append(np.full(s.size, f, np.int64))
+    return np.concatenate(a), np.concatenate(b), np.concatenate(same), np.concatenate(f_out)
 
 
 # ----------------------------------------------------------------------------------------------

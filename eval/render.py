@@ -1,6 +1,8 @@
 """report.md from a results.json dict: the table columns, the regressions between stages, the protocol text.
 
 ``render_markdown`` needs nothing but the dict, so a report can be re-rendered from its results.json.
+A value is bold, and a stage is said to be worse than another, only when the paired bootstrap difference
+(results.json ``best`` / ``comparisons``) excludes zero; otherwise the report says "within noise".
 """
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import math
 
 from eval.methods import METHODS
 
-__all__ = ["COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "render_markdown"]
+__all__ = ["COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "within_noise", "render_markdown"]
 
 # Table columns: (metric, header, format, +1 higher is better / -1 lower is better / 0 not ranked).
 COLUMNS = (
-    ("psnr", "PSNR (dB)", ".2f", 1), ("ssim", "SSIM", ".4f", 1), ("auc", "AUC", ".4f", 1),
+    ("psnr", "PSNR (dB)", ".2f", 1), ("ssim", "SSIM", ".4f", 1), ("psnr_y", "PSNR-Y (dB)", ".2f", 1),
+    ("ssim_y", "SSIM-Y", ".4f", 1), ("auc", "AUC", ".4f", 1),
     ("eer", "EER", ".4f", -1), ("tar@far=1e-3", "TAR@FAR=1e-3", ".4f", 1),
     ("tar@far=1e-2", "TAR@FAR=1e-2", ".4f", 1), ("accuracy", "accuracy", ".4f", 1),
     ("rank1", "rank-1", ".4f", 1), ("rank5", "rank-5", ".4f", 1), ("d_prime", "d'", ".2f", 1),
@@ -21,7 +24,8 @@ COLUMNS = (
 # Later stage vs the earlier one it should beat; a stage that loses is stated plainly in the report.
 COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "initial"),
                ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
-REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim")
+REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim", "psnr_y", "ssim_y")
+CI = "_ci95"
 
 
 def _fmt(value, spec: str) -> str:
@@ -30,9 +34,8 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def regressions(table: dict[str, dict]) -> list[str]:
-    """Plain statements where a later stage is worse than the one it should improve on."""
-    out = []
+def _worse(table: dict[str, dict]):
+    """(later, earlier, metric, header, a, b, fmt) wherever the later stage's point estimate is worse."""
     spec = {c[0]: c for c in COLUMNS}
     for later, earlier in COMPARISONS:
         if later not in table or earlier not in table:
@@ -43,7 +46,40 @@ def regressions(table: dict[str, dict]) -> list[str]:
                 continue
             _, header, fmt, sign = spec[metric]
             if sign * (a - b) < 0 and format(a, fmt) != format(b, fmt):
-                out.append(f"{later} is worse than {earlier} on {header} ({format(a, fmt)} vs {format(b, fmt)})")
+                yield later, earlier, metric, header, a, b, fmt
+
+
+def _difference(d: dict, fmt: str = "") -> str:
+    lo, hi = d["ci95"]  # two significant digits: a difference can be far below the column's precision
+    return f"difference {d['diff']:+.2g}, 95 % interval [{lo:.2g}, {hi:.2g}]"
+
+
+def regressions(table: dict[str, dict], comparisons: dict | None = None) -> list[str]:
+    """Plain statements where a later stage is worse than the one it should improve on.
+
+    With ``comparisons`` (results.json's, per ``"<later> vs <earlier>"``) only where the paired bootstrap
+    difference excludes zero; without (no bootstrap) wherever the shown values differ.
+    """
+    out = []
+    for later, earlier, metric, header, a, b, fmt in _worse(table):
+        line = f"{later} is worse than {earlier} on {header} ({format(a, fmt)} vs {format(b, fmt)})"
+        if comparisons is None:
+            out.append(line)
+            continue
+        d = (comparisons.get(f"{later} vs {earlier}") or {}).get(metric)
+        if d is not None and d["verdict"] == "worse":
+            out.append(f"{line[:-1]}; {_difference(d, fmt)})")
+    return out
+
+
+def within_noise(table: dict[str, dict], comparisons: dict) -> list[str]:
+    """Where a later stage's value is worse but the paired bootstrap interval of the difference holds zero."""
+    out = []
+    for later, earlier, metric, header, a, b, fmt in _worse(table):
+        d = (comparisons.get(f"{later} vs {earlier}") or {}).get(metric)
+        if d is not None and d["verdict"] == "within noise":
+            out.append(f"{later} vs {earlier} on {header}: {format(a, fmt)} vs {format(b, fmt)}, within noise "
+                       f"({_difference(d, fmt)})")
     return out
 
 
@@ -53,16 +89,18 @@ def _protocol_text(results: dict) -> list[str]:
     if info.get("kind") == "lfw":
         lines = [f"- Pairs: LFW-format `{info['pairs_file']}` (images under `{info['root']}`): "
                  f"{info['num_pairs']} pairs ({info['num_genuine']} genuine) of {info['num_identities']} "
-                 f"identities; accuracy over its {info['num_folds']} folds, each threshold chosen on the other "
-                 "folds only."]
+                 "identities; "
+                 + (f"accuracy over its {info['num_folds']} folds, each threshold chosen on the other folds only."
+                    if info.get("num_folds", 2) > 1 else "one fold, so no k-fold accuracy.")]
         if info.get("num_dropped"):
             lines.append(f"- {info['num_dropped']} pairs dropped for missing/unreadable images "
                          "(eval.allow_missing=true).")
     else:
         lines = [f"- Pairs: {info.get('num_pairs')} balanced pairs ({info.get('num_genuine')} genuine) among the "
                  f"{info.get('num_identities')} held-out `{info.get('split')}` identities ({info.get('num_images')} "
-                 f"images, seed {info.get('seed')}); accuracy: {ev.get('folds')}-fold, each threshold chosen on "
-                 "the other folds only."]
+                 f"images, seed {info.get('seed')}), drawn within {info.get('num_folds', ev.get('folds'))} "
+                 "identity-disjoint folds (as LFW View 2); accuracy: each fold's threshold chosen on the other "
+                 "folds only, so no test identity or image is seen when tuning it."]
     mode = ev.get("pair_mode", "sr_hr")
     lines.append("- Pairs compare " + ("the method's image (probe) with the HR image (gallery), the deployment "
                                        "setting" if mode == "sr_hr" else "two images of the same method")
@@ -70,9 +108,21 @@ def _protocol_text(results: dict) -> list[str]:
     lines.append(f"- Identification: closed set, one {ev.get('gallery', 'hr').upper()} gallery image per identity, "
                  "all other images are probes (a probe's own image is never in the gallery).")
     d = cfg.get("degradation") or {}
-    lines.append(f"- VLR = degradation of HR: down={d.get('down')}, blur_sigma={d.get('blur_sigma')}, "
-                 f"noise_std={d.get('noise_std')}, jpeg_quality={d.get('jpeg_quality')}. PSNR/SSIM: RGB in "
-                 "[0, 1] against the HR image, per image then averaged.")
+    q = info.get("quality") or {}
+    lines.append(f"- VLR = degradation of HR: down={d.get('down')}"
+                 + (f" ({q['down_kernel']})" if q.get("down_kernel") else "")
+                 + f", blur_sigma={d.get('blur_sigma')}, noise_std={d.get('noise_std')}, "
+                 f"jpeg_quality={d.get('jpeg_quality')}. `bicubic` baseline: "
+                 + (q.get("bicubic_kernel") or "bicubic up-sampling") + ".")
+    if q:
+        lines.append(f"- PSNR/SSIM against the HR image, on RGB in [0, 1] and on the Y channel ({q['y']}); "
+                     f"{q['crop_border']} px cropped from each border (eval.crop_border); SSIM: {q['ssim']}; "
+                     f"{q['aggregate']}.")
+    b = info.get("bootstrap") or {}
+    if b.get("resamples"):
+        lines.append(f"- Intervals: 95 % percentile intervals from {b['resamples']} bootstrap resamples of the test "
+                     f"identities (seed {b['seed']}; a pair counts as often as its probe's identity is drawn), the "
+                     "same resamples for every method, so differences between methods are paired.")
     return lines
 
 
@@ -89,33 +139,44 @@ def render_markdown(results: dict) -> str:
         if table:
             lines.append("| method | " + " | ".join(c[1] for c in COLUMNS) + " |")
             lines.append("|---|" + "---:|" * len(COLUMNS))
-            best = {}
-            for metric, _, fmt, sign in COLUMNS:
-                vals = [(m, v[metric]) for m, v in table.items()
-                        if m != "hr" and isinstance(v.get(metric), (int, float)) and math.isfinite(v[metric])]
-                if sign and vals:
-                    best[metric] = format((max if sign > 0 else min)(v for _, v in vals), fmt)
+            best = (results.get("best") or {}).get(res, {})
             for m, v in table.items():
                 cells = []
                 for metric, _, fmt, _ in COLUMNS:
                     cell = _fmt(v.get(metric), fmt) if metric in v else "-"
-                    if m != "hr" and cell == best.get(metric):
+                    b = best.get(metric, {})
+                    if b.get("bold") and m in (b["method"], *b.get("tied", ())):
                         cell = f"**{cell}**"
+                    ci = v.get(metric + CI)
+                    if ci:
+                        cell += f" [{_fmt(ci[0], fmt)}, {_fmt(ci[1], fmt)}]"
                     cells.append(cell)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            lines += ["", "Bold: best per column among the VLR methods (`hr` is the upper bound and not ranked); "
-                      "n/a: not defined (e.g. too few impostor pairs for that FAR); -: not applicable."]
+            lines += ["", "[low, high]: 95 % bootstrap interval over identities. Bold: the best VLR method of a column "
+                      "(`hr` is the upper bound and not ranked), only where its paired bootstrap difference to every "
+                      "other VLR method excludes zero. n/a: not defined (e.g. too few impostor pairs for that FAR); "
+                      "-: not applicable."]
+            headers = {c[0]: c for c in COLUMNS}
+            noise = [f"{headers[k][1]} ({b['method']} vs {b['vs']}, {_difference(b, headers[k][2])})"
+                     for k, b in best.items() if not b.get("bold") and k in headers]
+            if noise:
+                lines += ["", "Best value within noise (not bold): " + "; ".join(noise) + "."]
         else:
             lines.append("No method could be evaluated at this resolution.")
         skipped = results.get("skipped", {}).get(res, {})
         if skipped:
             lines += ["", "Skipped:", ""] + [f"- `{m}`: {why}" for m, why in skipped.items()]
         regs = results.get("regressions", {}).get(res, [])
+        comparisons = (results.get("comparisons") or {}).get(res)
         if regs:
-            n = (results.get("protocol") or {}).get("num_pairs")
-            lines += ["", "Regressions (any difference at the shown precision"
-                      + (f"; with {n} pairs, verification differences below ~{1 / math.sqrt(n):.3f} are within "
-                         "sampling noise" if n else "") + "):", ""] + [f"- {r}" for r in regs]
+            why = ("paired bootstrap difference, its 95 % interval excludes zero" if comparisons
+                   else "no intervals: eval.bootstrap=0")
+            lines += ["", f"Regressions ({why}):", ""]
+            lines += [f"- {r}" for r in regs]
+        noise = within_noise(table, comparisons) if comparisons else []
+        if noise:
+            lines += ["", "Worse but within noise (the interval of the difference includes zero):", ""]
+            lines += [f"- {r}" for r in noise]
         figs = results.get("figures", {}).get(res, [])
         if figs:
             lines += ["", "Figures:", ""] + [f"![{f}](figures/{f})" for f in figs if f.endswith(".png")]

@@ -8,9 +8,15 @@ The parts, each in its module: the compared methods (``eval.methods``), the face
 method (``eval.scoring``), report.md (``eval.render``) and the figures (``eval.figures``). This module
 runs them for each resolution and writes the outputs.
 
-Outputs in ``out_dir``: results.json ``{"<res>": {"<method>": {metric: value}}, "config", "artifacts",
-"skipped", "notes", "regressions", "protocol"}`` (NaN as null), report.md and figures/. Previous
-outputs there are moved to ``history/<time>/``, never overwritten.
+Outputs in ``out_dir``: results.json ``{"<res>": {"<method>": {metric: value, "<metric>_ci95": [low, high]}},
+"comparisons", "best", "config", "artifacts", "skipped", "notes", "regressions", "protocol"}`` (NaN as null),
+report.md and figures/. Previous outputs there are moved to ``history/<time>/``, never overwritten.
+
+Intervals: ``eval.bootstrap`` resamples of the test identities (one seeded count matrix for every method
+and resolution, so differences are paired). ``comparisons[res]["<later> vs <earlier>"]
+[metric]`` = {diff, ci95, verdict} for the stage pairs of ``eval.render.COMPARISONS``; ``best[res][metric]``
+names the best VLR method (``tied``: methods with identical values in every resample, e.g. one DSR's PSNR
+under two EdgeFaces) and whether its paired difference to every other excludes zero (``bold``).
 
 Returns the flat dict that ``stage=cycle`` logs as its final metrics: the headline metrics (``HEADLINE``
 and every ``tar@far=...``) of every evaluated method, keyed ``"<method>/<metric>"`` (e.g. ``cyclic/auc``)
@@ -30,15 +36,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycle.artifacts import ArtifactStore
 from cycle.config import check_res, to_plain
+from cycle.degrade import DEFAULTS as DEGRADATION_DEFAULTS
+from cycle.degrade import DOWN_KERNELS, UPSAMPLE_KERNEL
 from cycle.files import HISTORY, move_aside
 from cycle.stages import STAGE, producer
 from cycle.training import resolve_device
 from eval import figures
+from eval.bootstrap import CI_SUFFIX, identity_resamples, interval, paired_difference, weighted_means, weights_for
 from eval.errors import EvaluationError
-from eval.extract import _at_res, _extract, _Extraction, _load, _Models
+from eval.extract import QUALITY_KEYS, _at_res, _extract, _Extraction, _load, _Models
 from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
-from eval.render import regressions, render_markdown
+from eval.render import COLUMNS, COMPARISONS, REGRESSION_METRICS, regressions, render_markdown
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
 
@@ -48,7 +57,8 @@ __all__ = ["METHODS", "Method", "EvaluationError", "evaluate", "score_method", "
            "regressions", "lfw_faces"]
 
 # Metrics in the flat dict evaluate() returns (plus every tar@far=...); results.json has them all.
-HEADLINE = ("psnr", "ssim", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime", "genuine_mean", "impostor_mean")
+HEADLINE = ("psnr", "ssim", "psnr_y", "ssim_y", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime", "genuine_mean",
+            "impostor_mean")
 COLLAPSE_GAP = 0.05  # genuine - impostor mean cosine below this: embeddings may have collapsed
 
 
@@ -104,8 +114,42 @@ def _sample_indices(labels: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.unique(labels, return_index=True)[1])[:n]
 
 
+def _comparisons(table: dict[str, dict], samples: dict[str, dict]) -> tuple[dict, dict]:
+    """Paired bootstrap differences: each stage against the one it should beat, and the best per column."""
+    signs = {c[0]: c[3] for c in COLUMNS}
+    pairs: dict[str, dict] = {}
+    for later, earlier in COMPARISONS:
+        if later in table and earlier in table:
+            entry = {}
+            for metric in REGRESSION_METRICS:
+                if metric in samples[later] and metric in samples[earlier]:
+                    d = paired_difference(samples[later][metric], samples[earlier][metric], table[later][metric],
+                                          table[earlier][metric], signs[metric] > 0)
+                    if d is not None:
+                        entry[metric] = d
+            pairs[f"{later} vs {earlier}"] = entry
+    best: dict[str, dict] = {}
+    for metric, sign in signs.items():
+        vals = {m: v[metric] for m, v in table.items() if m != "hr" and metric in samples[m]
+                and isinstance(v.get(metric), float) and math.isfinite(v[metric])}
+        if len(vals) < 2 or not sign:
+            continue
+        top = (max if sign > 0 else min)(vals, key=vals.get)
+        tied = [m for m in vals if m != top and np.array_equal(samples[m][metric], samples[top][metric])
+                and vals[m] == vals[top]]
+        # the weakest comparison decides: the best must beat every other VLR method, not just the runner-up
+        diffs = {m: paired_difference(samples[top][metric], samples[m][metric], vals[top], vals[m], sign > 0)
+                 for m in vals if m != top and m not in tied}
+        diffs = {m: d for m, d in diffs.items() if d is not None}
+        if diffs:
+            vs = min(diffs, key=lambda m: sign * diffs[m]["ci95"][0 if sign > 0 else 1])
+            best[metric] = {"method": top, "tied": tied, "bold": all(d["verdict"] == "better" for d in diffs.values()),
+                            "vs": vs, **diffs[vs]}
+    return pairs, best
+
+
 def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig_dir: Path | None,
-                         methods: Sequence[str] | None = None) -> dict:
+                         resamples: np.ndarray | None, methods: Sequence[str] | None = None) -> dict:
     cfg_r = _at_res(cfg, res)
     ev = cfg.eval
     store = ArtifactStore.for_config(cfg_r)
@@ -124,7 +168,8 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
             runnable.append(m)
     for name, why in skipped.items():
         log.warning("res=%s: method %s skipped (%s)", res, name, why)
-    out = {"metrics": {}, "skipped": skipped, "manifests": models.manifests, "notes": [], "figures": []}
+    out = {"metrics": {}, "skipped": skipped, "manifests": models.manifests, "notes": [], "figures": [],
+           "comparisons": {}, "best": {}}
     if not runnable:
         return out
     leaks = _check_overlap(cfg_r, res, store, runnable, proto, out["notes"])
@@ -133,18 +178,25 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
     ext = _extract(cfg_r, int(res), proto.faces, runnable, models, device, sample_idx)
     log.info("res=%s: embedded %d faces for %d methods in %.1f s", res, len(proto.faces), len(runnable),
              time.perf_counter() - t0)
-    curves, notes = {}, {}
+    curves, notes, samples = {}, {}, {}
+    image_w = None if resamples is None else weights_for(resamples, proto.identity)
     for m in runnable:
         metrics, curves[m.name] = score_method(
             ext.emb[m.name], ext.hr_emb[m.edgeface], proto.faces.labels, proto.idx_a, proto.idx_b, proto.is_same,
             fold_ids=proto.fold, gallery_idx=proto.gallery, probe_idx=proto.probes, pair_mode=str(ev.pair_mode),
             gallery=str(ev.gallery), folds=int(ev.folds), fars=[float(f) for f in ev.fars],
-            ranks=[int(r) for r in ev.ranks])
+            ranks=[int(r) for r in ev.ranks], resamples=resamples)
+        samples[m.name] = curves[m.name].pop("bootstrap", {})
         for note in metrics.pop("notes"):
             notes.setdefault(note, []).append(m.name)
         if m.source != "hr":
-            p, s = ext.quality[m.source]
-            metrics = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), **metrics}
+            q = ext.quality[m.source]
+            quality = {k: float(np.mean(q[k])) for k in QUALITY_KEYS}
+            if image_w is not None:
+                for k in QUALITY_KEYS:
+                    samples[m.name][k] = weighted_means(q[k], image_w)
+                    quality[k + CI_SUFFIX] = interval(samples[m.name][k])
+            metrics = {**quality, **metrics}
             if metrics["genuine_mean"] - metrics["impostor_mean"] < COLLAPSE_GAP:
                 out["notes"].append(
                     f"res {res}, {m.name}: genuine and impostor mean cosine are close "
@@ -153,6 +205,8 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
         if m.name in leaks:
             metrics["overlap_identities"] = leaks[m.name]
         out["metrics"][m.name] = metrics
+    if resamples is not None:
+        out["comparisons"], out["best"] = _comparisons(out["metrics"], samples)
     out["notes"] += [f"res {res}: {note} ({', '.join(ms)})" for note, ms in notes.items()]
     if fig_dir is not None:
         try:
@@ -175,7 +229,8 @@ def _figures(res: str, methods: list[Method], curves: dict, ext: _Extraction, fi
         made += figures.cmc(cmc, Path(f"{stem}_cmc"), f"CMC, {tag}", formats)
     made += figures.score_histograms({m: (c["genuine"], c["impostor"]) for m, c in curves.items()},
                                      Path(f"{stem}_scores"), f"Genuine / impostor cosine scores, {tag}", formats)
-    quality = {m.name: ext.quality[m.source] for m in methods if m.source in ext.quality}
+    quality = {m.name: (ext.quality[m.source]["psnr"], ext.quality[m.source]["ssim"]) for m in methods
+               if m.source in ext.quality}
     if quality:
         made += figures.quality_bars(quality, Path(f"{stem}_quality"), f"Image quality vs HR, {tag}", formats)
     if ext.samples:
@@ -185,6 +240,18 @@ def _figures(res: str, methods: list[Method], curves: dict, ext: _Extraction, fi
         cols.append(("HR", ext.samples["hr"]))
         made += figures.sample_grid(cols, Path(f"{stem}_samples"), f"Samples, {tag}", formats)
     return [p.name for p in made]
+
+
+def _quality_conventions(cfg: DictConfig) -> dict:
+    """How PSNR/SSIM are measured, in words: the numbers of the literature differ by these choices."""
+    down = str((cfg.get("degradation") or {}).get("down") or DEGRADATION_DEFAULTS["down"])
+    return {"channels": "RGB (psnr, ssim) and Y (psnr_y, ssim_y)",
+            "y": "ITU-R BT.601 studio swing as BasicSR/MATLAB rgb2ycbcr: Y = 16 + 65.481 R + 128.553 G + 24.966 B "
+                 "on [0, 1] RGB, in [16, 235] / 255, metrics with data range 1",
+            "crop_border": int(cfg.eval.get("crop_border") or 0),
+            "ssim": "Gaussian window sigma 1.5 (11x11), K1 0.01, K2 0.03, valid region, mean over channels",
+            "aggregate": "per image, then the mean over images",
+            "down_kernel": DOWN_KERNELS.get(down, down), "bicubic_kernel": UPSAMPLE_KERNEL}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -239,6 +306,11 @@ def _check_settings(ev: DictConfig) -> None:
         raise EvaluationError(f"eval.folds={ev.folds} must be >= 2")
     if int(ev.num_pairs) < 2 or int(ev.batch_size) < 1 or int(ev.num_samples) < 0:
         raise EvaluationError("eval.num_pairs must be >= 2, eval.batch_size >= 1, eval.num_samples >= 0")
+    if int(ev.get("crop_border") or 0) < 0:
+        raise EvaluationError(f"eval.crop_border={ev.crop_border} must be >= 0 (pixels cropped from each border)")
+    boot = int(ev.get("bootstrap") or 0)
+    if 0 < boot < 1000:
+        raise EvaluationError(f"eval.bootstrap={boot}: use >= 1000 resamples for a 95 % interval, or 0 for none")
     known = FigureCanvasBase.get_supported_filetypes()
     bad = [f for f in ev.figure_formats if str(f) not in known]
     if bad:
@@ -266,14 +338,21 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
     _archive_previous(out_dir)
     fig_dir = out_dir / "figures" if cfg.eval.get("figures", True) else None
     results: dict[str, Any] = {}
-    extra = {"config": _config(cfg), "protocol": proto.info, "artifacts": {}, "skipped": {}, "regressions": {},
-             "figures": {}, "notes": list(proto.notes)}
+    boot = int(cfg.eval.get("bootstrap") or 0)
+    # one count matrix for every method and resolution: the differences between methods are paired
+    resamples = identity_resamples(int(proto.identity.max()) + 1, boot, int(cfg.eval.seed)) if boot else None
+    extra = {"config": _config(cfg), "protocol": {**proto.info, "quality": _quality_conventions(cfg), "bootstrap": {
+        "resamples": boot, "over": "identities", "seed": int(cfg.eval.seed), "interval": "percentile, 95 %"}},
+             "artifacts": {}, "skipped": {}, "comparisons": {}, "best": {}, "regressions": {}, "figures": {},
+             "notes": list(proto.notes)}
     for res in res_list:
-        r = _evaluate_resolution(cfg, res, proto, device, fig_dir, methods)
+        r = _evaluate_resolution(cfg, res, proto, device, fig_dir, resamples, methods)
         results[res] = r["metrics"]
         extra["artifacts"][res] = r["manifests"]
         extra["skipped"][res] = r["skipped"]
-        extra["regressions"][res] = regressions(r["metrics"])
+        extra["comparisons"][res] = r["comparisons"]
+        extra["best"][res] = r["best"]
+        extra["regressions"][res] = regressions(r["metrics"], r["comparisons"])
         extra["figures"][res] = r["figures"]
         extra["notes"] += list(dict.fromkeys(r["notes"]))
         for line in extra["regressions"][res]:
@@ -292,6 +371,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         prefix = "" if len(res_list) == 1 else f"res{res}/"
         for method, metrics in results[res].items():
             for k, v in metrics.items():
-                if (k in HEADLINE or k.startswith("tar@far=")) and v is not None and math.isfinite(v):
+                headline = k in HEADLINE or (k.startswith("tar@far=") and not k.endswith(CI_SUFFIX))
+                if headline and v is not None and math.isfinite(v):
                     flat[f"{prefix}{method}/{k}"] = float(v)
     return flat

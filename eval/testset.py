@@ -3,9 +3,10 @@
     proto = build_protocol(cfg)   # independent of the resolution
 
 Protocol (``eval.*``, conf/eval/default.yaml): pairs are ``eval.num_pairs`` balanced pairs of the
-``eval.split`` identities, or the pairs of an LFW-format ``eval.pairs_file`` (images under ``data.root``,
-its own 10 folds). Identification: one gallery image per identity, every other image a probe (whether the
-gallery image is the HR one or the method's is ``eval.gallery``, see ``eval.scoring``).
+``eval.split`` identities drawn within ``eval.folds`` identity-disjoint folds (LFW View 2 style), or the
+pairs of an LFW-format ``eval.pairs_file`` (images under ``data.root``, its own folds). Identification: one
+gallery image per identity, every other image a probe (whether the gallery image is the HR one or the
+method's is ``eval.gallery``, see ``eval.scoring``).
 
 The pure pair generators are in ``eval.protocols``; this module applies them to the configured data.
 """
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycle.data import FaceSet, build_splits, load_image
 from eval.errors import EvaluationError
-from eval.protocols import balanced_pairs, identification_split, load_lfw_pairs
+from eval.protocols import balanced_fold_pairs, identification_split, load_lfw_pairs
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,16 @@ class Protocol:
     idx_a: np.ndarray
     idx_b: np.ndarray
     is_same: np.ndarray
-    fold: np.ndarray | None            # pair folds (LFW); None = eval.folds round-robin folds
+    fold: np.ndarray                   # pair folds: identity-disjoint (balanced) or the file's (LFW)
     gallery: np.ndarray | None         # identification split; None when impossible (see notes)
     probes: np.ndarray | None
     info: dict
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def identity(self) -> np.ndarray:
+        """Identity of every face as 0 .. identities-1 (sorted labels): the columns the bootstrap resamples."""
+        return np.unique(self.faces.labels, return_inverse=True)[1].ravel()
 
 
 def _identification_split(labels: np.ndarray, seed: int, notes: list[str]):
@@ -62,14 +68,19 @@ def _balanced_protocol(cfg: DictConfig) -> Protocol:
             f"verification and identification need at least 2: raise data.split.{split} or add identities")
     seed = int(ev.seed)
     try:
-        ia, ib, same = balanced_pairs(faces.labels, int(ev.num_pairs), seed)
+        ia, ib, same, fold = balanced_fold_pairs(faces.labels, int(ev.num_pairs), seed, int(ev.folds))
     except ValueError as e:
         raise EvaluationError(f"no verification pairs from the {split} split: {e}") from None
     notes: list[str] = []
+    num_folds = int(np.unique(fold).size)
+    if num_folds < int(ev.folds):
+        notes.append(f"accuracy uses {num_folds} identity-disjoint folds, not eval.folds={ev.folds}: the {split} "
+                     f"split has {faces.num_classes} identities (each fold needs 2)")
     gallery, probes = _identification_split(faces.labels, seed, notes)
     info = {"kind": "balanced", "split": split, "num_identities": faces.num_classes, "num_images": len(faces),
-            "num_pairs": int(ia.size), "num_genuine": int(same.sum()), "seed": seed}
-    return Protocol(faces, ia, ib, same, None, gallery, probes, info, notes)
+            "num_pairs": int(ia.size), "num_genuine": int(same.sum()), "num_folds": num_folds,
+            "folds": "identity-disjoint", "seed": seed}
+    return Protocol(faces, ia, ib, same, fold, gallery, probes, info, notes)
 
 
 def lfw_faces(paths: Sequence[Path], size: int = 112, resize: str = "resize"):

@@ -40,6 +40,9 @@ def test_bench_quick_writes_results(tmp_path):
     assert p["speed_ratio"] > 0 and p["flop_ratio"] > 0 and p["prototype"]["params"] > 0
     assert set(res["loader"]["samples_per_s"]) == {"0", "2"}
     assert res["eval"]["num_pairs"] == 2000 and res["eval"]["total_s"] > 0
+    bs = res["bootstrap"]
+    assert bs["resamples"] == 1000 and bs["seconds"]["score_method + bootstrap"] > 0 and len(bs["auc_ci95"]) == 2
+    assert "Bootstrap intervals" in md
     for heading in ("Training step per stage", "DSR vs the prototype", "Data loading", "Evaluation"):
         assert heading in md
 

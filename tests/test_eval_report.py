@@ -13,6 +13,8 @@ from conftest import _SESSION_CACHE, ROOT, compose_train
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr
+from skimage.metrics import structural_similarity as sk_ssim
 from sklearn.metrics import roc_auc_score
 
 import edgeface
@@ -21,7 +23,9 @@ from cycle.config import to_plain
 from cycle.data import build_splits, load_image, make_loader
 from cycle.degrade import upsample
 from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
-from eval.protocols import MissingImagesError, balanced_pairs
+from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs
+from eval.bootstrap import identity_resamples, paired_difference
+from eval.protocols import identification_split
 from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
 
 FIGURES = ("roc", "cmc", "scores", "quality", "samples")
@@ -116,16 +120,46 @@ def test_evaluate_smoke_schema_report_and_figures(smoke, edgeface_payloads, tmp_
     ef = edgeface.load(ArtifactStore.for_config(smoke).path("edgeface_pretrained"))
     with torch.no_grad():
         emb = ef(batch["hr"]).numpy()
-    ia, ib, same = balanced_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed))
+    ia, ib, same, fold = balanced_fold_pairs(test.labels, int(smoke.eval.num_pairs), int(smoke.eval.seed),
+                                             int(smoke.eval.folds))
     scores = pair_scores_indexed(emb, ia, ib)
     assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-6)
     assert res["16"]["hr"]["num_genuine"] == int(same.sum())
+    acc, _, _ = kfold_accuracy(scores, same, fold_ids=fold)
+    assert res["16"]["hr"]["accuracy"] == pytest.approx(acc, abs=1e-12)
+    # 4 test identities allow 2 identity-disjoint folds, not eval.folds=10: used, and said so
+    assert res["protocol"]["num_folds"] == 2 and any("2 identity-disjoint folds" in n for n in res["notes"])
 
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| method | PSNR (dB) | SSIM | AUC | EER")
+    assert rows[0].startswith("| method | PSNR (dB) | SSIM | PSNR-Y (dB) | SSIM-Y | AUC | EER")
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["hr", "bicubic", "initial", "initial_ft", "cyclic"]
-    assert any("**" in r for r in rows[2:]) and "**" not in rows[1]  # best marked; hr not ranked
+    assert "**" not in rows[1]  # hr is not ranked
+    # every verification / identification metric carries its 95 % interval over identities
+    for method, m in res["16"].items():
+        for k in ("auc", "eer", "tar@far=1e-1", "accuracy", "d_prime", "rank1", "rank5"):
+            lo, hi = m[f"{k}_ci95"]
+            assert lo <= hi and (k == "d_prime" or 0 <= lo <= hi <= 1), (method, k)
+        assert m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+        assert m["tar@far=1e-2_ci95"] is None  # 60 impostor pairs: undefined, so no interval
+        if method != "hr":
+            assert m["psnr_ci95"][0] <= m["psnr"] <= m["psnr_ci95"][1] and len(m["ssim_y_ci95"]) == 2
+    assert res["protocol"]["bootstrap"]["resamples"] == 1000
+    comps = res["comparisons"]["16"]
+    assert set(comps) == {"initial vs bicubic", "initial_ft vs initial", "cyclic vs initial", "cyclic vs initial_ft"}
+    c = comps["cyclic vs initial"]["auc"]
+    assert c["diff"] == pytest.approx(res["16"]["cyclic"]["auc"] - res["16"]["initial"]["auc"])
+    assert (c["verdict"] == "within noise") == (c["ci95"][0] <= 0 <= c["ci95"][1])
+    # initial and initial_ft share the DSR: identical PSNR in every resample, so never a "regression"
+    assert comps["initial_ft vs initial"]["psnr"] == {"diff": 0.0, "ci95": [0.0, 0.0], "verdict": "within noise"}
+    for metric, b in res["best"]["16"].items():
+        assert b["bold"] == (b["verdict"] == "better") and b["method"] != "hr"
+        cell = next(r for r in rows if r.split("|")[1].strip() == b["method"])
+        assert ("**" in cell) or not b["bold"]
+    # the conventions: kernels and the channel convention are named
+    assert "Keys a = -0.75, align_corners=False" in md and "down=area (box average" in md
+    assert "65.481 R + 128.553 G + 24.966 B" in md and "0 px cropped from each border" in md
+    assert "1000 bootstrap resamples of the test identities" in md and "identity-disjoint folds" in md
     assert "`cyclic2`" in md.split("Skipped:")[1]
     for fig in FIGURES:
         png = out / "figures" / f"res16_{fig}.png"
@@ -141,14 +175,37 @@ def test_pair_mode_and_gallery_are_configurable(smoke, edgeface_payloads, tmp_pa
         smoke.eval.figures = False
     evaluate(smoke, tmp_path / "a", ["16"])
     with open_dict(smoke):
-        smoke.eval.pair_mode, smoke.eval.gallery = "sr_sr", "sr"
+        smoke.eval.pair_mode, smoke.eval.gallery, smoke.eval.crop_border = "sr_sr", "sr", 8
     evaluate(smoke, tmp_path / "b", ["16"])
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
     assert set(a["16"]) == {"hr", "bicubic"} and not (tmp_path / "a" / "figures").exists()
     assert a["16"]["hr"] == b["16"]["hr"]  # HR vs HR either way
     assert a["16"]["bicubic"]["genuine_mean"] != b["16"]["bicubic"]["genuine_mean"]
-    assert a["16"]["bicubic"]["psnr"] == b["16"]["bicubic"]["psnr"]
-    for key, value in (("pair_mode", "hr_hr"), ("gallery", "lr"), ("figure_formats", ["png", "gif9"])):
+
+    # PSNR/SSIM on RGB and on Y (hand-computed BT.601, as BasicSR), with eval.crop_border, against skimage
+    test = build_splits(smoke.data, smoke.paths.cache_dir)["test"]
+    batch = next(iter(make_loader(test, batch_size=len(test), res=16, degradation=smoke.degradation,
+                                  train=False, seed=int(smoke.eval.seed))))
+    sr, hr = upsample(batch["lr"]).double().numpy(), batch["hr"].double().numpy()
+
+    def luma(x):  # (B, 3, H, W) RGB in [0, 1] -> (B, H, W), studio swing [16, 235] / 255
+        return (16.0 + 65.481 * x[:, 0] + 128.553 * x[:, 1] + 24.966 * x[:, 2]) / 255.0
+
+    for run, c in ((a, 0), (b, 8)):
+        crop = (slice(None), slice(None), slice(c, -c or None), slice(c, -c or None))
+        s, h, ys, yh = sr[crop], hr[crop], luma(sr[crop]), luma(hr[crop])
+        ssim_kw = dict(data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        m = run["16"]["bicubic"]
+        assert m["psnr"] == pytest.approx(np.mean([sk_psnr(h[i], s[i], data_range=1.0) for i in range(len(s))]))
+        assert m["ssim"] == pytest.approx(np.mean([sk_ssim(h[i], s[i], channel_axis=0, **ssim_kw)
+                                                   for i in range(len(s))]), abs=1e-9)
+        assert m["psnr_y"] == pytest.approx(np.mean([sk_psnr(yh[i], ys[i], data_range=1.0) for i in range(len(s))]))
+        assert m["ssim_y"] == pytest.approx(np.mean([sk_ssim(yh[i], ys[i], **ssim_kw) for i in range(len(s))]),
+                                            abs=1e-9)
+        assert run["protocol"]["quality"]["crop_border"] == c
+    assert a["16"]["bicubic"]["psnr_y"] > a["16"]["bicubic"]["psnr"]  # chroma errors weigh less on Y
+    for key, value in (("pair_mode", "hr_hr"), ("gallery", "lr"), ("figure_formats", ["png", "gif9"]),
+                       ("bootstrap", 200), ("crop_border", -1)):
         bad = smoke.copy()
         with open_dict(bad):
             bad.eval[key] = value
@@ -183,23 +240,61 @@ def test_bad_resolution_is_rejected(smoke, tmp_path):
 # ------------------------------------------------------------------------------------ report rendering
 
 
-def test_regressions_and_bold_best_in_markdown():
+def test_bold_and_regressions_need_the_paired_interval_to_exclude_zero():
     table = {
         "hr": {"auc": 0.99, "eer": 0.01, "rank1": 1.0},
-        "initial": {"psnr": 25.0, "auc": 0.93, "eer": 0.10, "rank1": 0.80, "tar@far=1e-3": None},
-        "cyclic": {"psnr": 24.5, "auc": 0.91, "eer": 0.08, "rank1": 0.80, "tar@far=1e-3": None},
+        "initial": {"psnr": 25.0, "auc": 0.93, "auc_ci95": [0.92, 0.94], "eer": 0.10, "rank1": 0.80,
+                    "tar@far=1e-3": None},
+        "cyclic": {"psnr": 24.5, "auc": 0.91, "auc_ci95": [0.90, 0.92], "eer": 0.08, "rank1": 0.80,
+                   "tar@far=1e-3": None},
     }
-    regs = regressions(table)
-    assert "cyclic is worse than initial on AUC (0.9100 vs 0.9300)" in regs
-    assert "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)" in regs
-    assert not any("EER" in r or "rank-1" in r for r in regs)  # lower EER is better; equal rank-1 is no loss
+    comparisons = {"cyclic vs initial": {
+        "auc": {"diff": -0.02, "ci95": [-0.03, -0.01], "verdict": "worse"},
+        "psnr": {"diff": -0.5, "ci95": [-1.1, 0.1], "verdict": "within noise"},
+        "eer": {"diff": -0.02, "ci95": [-0.05, 0.01], "verdict": "within noise"}}}
+    best = {"auc": {"method": "initial", "bold": True, "vs": "cyclic", "diff": 0.02, "ci95": [0.01, 0.03],
+                    "verdict": "better"},
+            "eer": {"method": "cyclic", "bold": False, "vs": "initial", "diff": -0.02, "ci95": [-0.05, 0.01],
+                    "verdict": "within noise"}}
+    regs = regressions(table, comparisons)
+    assert regs == ["cyclic is worse than initial on AUC (0.9100 vs 0.9300; difference -0.02, "
+                    "95 % interval [-0.03, -0.01])"]  # PSNR is worse too, but within noise
+    # without intervals (eval.bootstrap=0) every difference at the shown precision is stated
+    assert "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)" in regressions(table)
     md = render_markdown({"16": table, "skipped": {"16": {"bicubic": "x absent"}}, "regressions": {"16": regs},
-                          "notes": ["a note"], "config": {"eval": {"folds": 10}}, "protocol": {}})
+                          "comparisons": {"16": comparisons}, "best": {"16": best}, "notes": ["a note"],
+                          "config": {"eval": {"folds": 10}}, "protocol": {}})
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    assert "**0.9300**" in rows["initial"] and "**0.0800**" in rows["cyclic"]  # AUC max, EER min
-    assert "**0.8000**" in rows["initial"] and "**0.8000**" in rows["cyclic"]  # ties both bold
+    assert "**0.9300** [0.9200, 0.9400]" in rows["initial"] and "0.9100 [0.9000, 0.9200]" in rows["cyclic"]
+    assert "**0.0800**" not in rows["cyclic"]  # best EER, but within noise: not bold
+    assert "EER (cyclic vs initial, difference -0.02, 95 % interval [-0.05, 0.01])" in md
     assert "**" not in rows["hr"] and "| - |" in rows["hr"] and "n/a" in rows["cyclic"]
+    assert "- cyclic vs initial on PSNR (dB): 24.50 vs 25.00, within noise" in md
     assert "- `bicubic`: x absent" in md and "- cyclic is worse than initial on AUC" in md and "- a note" in md
+
+
+def test_best_must_beat_every_other_method_and_ties_share_it():
+    from eval.report import _comparisons
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.3, 1000)  # identity-level noise shared by all methods (paired resamples)
+    samples = {"bicubic": {"psnr": 24.0 + base}, "initial": {"psnr": 25.5 + base},
+               "initial_ft": {"psnr": 25.5 + base},  # the same DSR images: identical in every resample
+               "cyclic": {"psnr": 25.0 + base + rng.normal(0, 0.05, 1000)}}
+    table = {m: {"psnr": float(np.median(s["psnr"]))} for m, s in samples.items()}
+    table["initial_ft"]["psnr"] = table["initial"]["psnr"]
+    comparisons, best = _comparisons(table, samples)
+    b = best["psnr"]
+    assert b["bold"] and {b["method"], *b["tied"]} == {"initial", "initial_ft"} and b["vs"] == "cyclic"
+    assert comparisons["initial_ft vs initial"]["psnr"]["verdict"] == "within noise"
+    assert comparisons["initial vs bicubic"]["psnr"]["verdict"] == "better"
+    assert comparisons["cyclic vs initial"]["psnr"]["verdict"] == "worse"
+    # a 2nd cycle 0.01 dB better, with per-resample noise of 0.05 dB: best, but within noise -> not bold
+    samples["cyclic2"] = {"psnr": 25.51 + base + rng.normal(0, 0.05, 1000)}
+    table["cyclic2"] = {"psnr": table["initial"]["psnr"] + 0.01}
+    _, best = _comparisons(table, samples)
+    assert best["psnr"]["method"] == "cyclic2" and not best["psnr"]["bold"]
+    assert best["psnr"]["verdict"] == "within noise" and best["psnr"]["vs"] in ("initial", "initial_ft")
 
 
 def test_score_method_100k_pairs_in_seconds():
@@ -220,6 +315,46 @@ def test_score_method_100k_pairs_in_seconds():
     assert m["auc"] == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
     assert m["num_genuine"] == m["num_impostor"] == 50_000 and 0.5 < m["accuracy"] <= 1
     assert np.isfinite(m["tar@far=1e-4"]) and curves["cmc"].size == ids and curves["cmc"][-1] == 1.0
+
+
+def test_score_method_bootstrap_6000_pairs_fast_and_paired():
+    """The demo's size: 6,000 pairs of 60 identities, 1000 resamples of the identities."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(60), 14)
+    centers = rng.standard_normal((60, 512)).astype(np.float32)
+    hr = centers[labels] + 2.5 * rng.standard_normal((labels.size, 512)).astype(np.float32)
+    sr = hr + 2.5 * rng.standard_normal(hr.shape).astype(np.float32)
+    worse = sr + 3.0 * rng.standard_normal(hr.shape).astype(np.float32)
+    ia, ib, same, fold = balanced_fold_pairs(labels, 6000, 0)
+    gallery, probes = identification_split(labels, 0)
+    counts = identity_resamples(60, 1000, seed=0)
+    kw = dict(fold_ids=fold, gallery_idx=gallery, probe_idx=probes, resamples=counts)
+    score_method(sr, hr, labels, ia, ib, same, **kw)  # warm-up
+    t0 = time.perf_counter()
+    m, curves = score_method(sr, hr, labels, ia, ib, same, **kw)
+    dt = time.perf_counter() - t0
+    assert dt < 6, f"bootstrap of 6000 pairs took {dt:.1f} s"  # ~0.3 s on an idle 2-core CPU (make bench)
+    for k in ("auc", "eer", "tar@far=1e-2", "accuracy", "d_prime", "rank1", "rank20"):
+        lo, hi = m[k + "_ci95"]
+        assert lo < m[k] < hi or lo == m[k] == hi, k
+        assert curves["bootstrap"][k].shape == (1000,)
+    assert 0.005 < m["auc_ci95"][1] - m["auc_ci95"][0] < 0.05  # identity-level noise of 60 identities
+    # the same resamples for another method: paired differences
+    m2, c2 = score_method(worse, hr, labels, ia, ib, same, **kw)
+    d = paired_difference(curves["bootstrap"]["auc"], c2["bootstrap"]["auc"], m["auc"], m2["auc"])
+    assert d["verdict"] == "better" and d["diff"] == pytest.approx(m["auc"] - m2["auc"]) and d["ci95"][0] > 0
+    same_method = paired_difference(curves["bootstrap"]["auc"], curves["bootstrap"]["auc"], m["auc"], m["auc"])
+    assert same_method == {"diff": 0.0, "ci95": [0.0, 0.0], "verdict": "within noise"}
+
+
+def test_single_fold_pairs_skip_accuracy_with_a_note():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20, 8))
+    labels = np.repeat(np.arange(10), 2)
+    ia, ib, same = balanced_pairs(labels, 20, 0)
+    m, _ = score_method(emb, emb, labels, ia, ib, same, fold_ids=np.zeros(ia.size, int))
+    assert np.isnan(m["accuracy"]) and np.isfinite(m["auc"])
+    assert any("single fold" in n for n in m["notes"])
 
 
 # ------------------------------------------------------------------------------------ LFW pairs.txt
@@ -283,6 +418,20 @@ def test_lfw_pairs_end_to_end_10_folds(tmp_path, edgeface_payloads):
     assert res["16"]["hr"]["accuracy_std"] == pytest.approx(std, abs=1e-12)
     assert res["16"]["hr"]["auc"] == pytest.approx(roc_auc_score(lp.is_same, scores), abs=1e-6)
     assert "LFW-format" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_one_fold_pairs_file_skips_accuracy_with_a_note(tmp_path, edgeface_payloads):
+    root, _ = _lfw_case(tmp_path)
+    lines = ["4"] + [f"Person_{k} 1 2" for k in range(4)] + [f"Person_{k} 1 Person_{k + 4} 3" for k in range(4)]
+    (tmp_path / "devtest.txt").write_text("\n".join(lines) + "\n")  # pairsDevTest.txt layout: one fold
+    cfg = _lfw_cfg(tmp_path, root, tmp_path / "devtest.txt")
+    publish(cfg, edgeface_payloads, names=("edgeface_pretrained",))
+    evaluate(cfg, tmp_path / "eval", ["16"])
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["protocol"]["num_folds"] == 1 and res["16"]["hr"]["accuracy"] is None
+    assert res["16"]["hr"]["auc"] is not None and res["16"]["hr"]["auc_ci95"] is not None
+    assert any("accuracy not computed: the pairs form a single fold" in n for n in res["notes"])
+    assert "one fold, so no k-fold accuracy" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_lfw_missing_and_unreadable_images(tmp_path, edgeface_payloads):

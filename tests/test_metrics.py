@@ -17,6 +17,7 @@ from eval.metrics import (
     pair_scores,
     pair_scores_indexed,
     psnr,
+    rank_accuracy,
     rgb_to_y,
     roc,
     ssim,
@@ -341,3 +342,68 @@ def test_identification_cmc_monotone_and_ties_are_pessimistic():
     # collapsed embeddings: every identity ties, so nothing is identified at rank 1
     m = identification(np.ones((30, 8)), glab, np.ones((200, 8)), plab)
     assert m["rank1"] == 0.0 and m["cmc"][-1] == 1.0
+
+
+def test_identification_ties_in_float64():
+    # two gallery identities 1e-9 apart in cosine: float32 rounds them to a tie, which would count
+    # against the probe (rank 2); in float64 the probe's own identity is strictly closer (rank 1)
+    probe = np.array([[1.0, 0.0]])
+    eps = 2e-5  # cos(eps) = 1 - 2e-10: equal in float32, distinct in float64
+    gallery = np.array([[1.0, eps], [1.0, 2 * eps]])
+    m = identification(gallery, [0, 1], probe, [0], ranks=(1,))
+    assert np.float32(gallery[0] @ probe[0] / np.linalg.norm(gallery[0])) == np.float32(
+        gallery[1] @ probe[0] / np.linalg.norm(gallery[1]))  # the tie float32 would see
+    assert m["rank1"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------- weighted (bootstrap) rows
+
+
+def _replicate(values, weights):
+    return np.repeat(values, weights.astype(int))
+
+
+def test_weighted_verification_equals_the_replicated_sample():
+    """A weight row of counts gives exactly the metrics of the data with each pair repeated that often."""
+    rng = np.random.default_rng(5)
+    gen, imp = rng.normal(0.5, 0.2, 300).round(3), rng.normal(0.1, 0.2, 1200).round(3)
+    w = rng.integers(0, 4, (6, gen.size + imp.size)).astype(float)
+    rows = verification_metrics(gen, imp, weights=w)
+    for r in range(w.shape[0]):
+        ref = verification_metrics(_replicate(gen, w[r, :300]), _replicate(imp, w[r, 300:]))
+        for k in ("auc", "eer", "tar@far=1e-2", "tar@far=1e-1", "d_prime",
+                  "genuine_mean", "impostor_std"):
+            assert rows[k][r] == pytest.approx(ref[k], rel=1e-12, abs=1e-12), k
+        assert np.isnan(rows["tar@far=1e-4"][r])  # fewer than 10,000 impostors in every row
+    ones = verification_metrics(gen, imp, weights=np.ones((1, 1500)))
+    assert ones["auc"][0] == verification_metrics(gen, imp)["auc"]
+    empty = verification_metrics(gen, imp, weights=np.c_[np.zeros((1, 300)), np.ones((1, 1200))])
+    assert np.isnan(empty["auc"][0]) and np.isnan(empty["eer"][0])  # a resample without genuine pairs
+    with pytest.raises(ValueError, match="expected shape"):
+        verification_metrics(gen, imp, weights=np.ones((2, 10)))
+
+
+def test_weighted_kfold_and_ranks_equal_the_replicated_sample():
+    rng = np.random.default_rng(6)
+    same = rng.random(400) < 0.5
+    s = np.where(same, rng.normal(0.5, 0.25, 400), rng.normal(0.2, 0.25, 400)).round(2)
+    fold = rng.integers(0, 5, 400)
+    w = rng.integers(1, 4, (5, 400)).astype(float)  # positive counts: the same candidate thresholds
+    accs = kfold_accuracy(s, same, fold_ids=fold, weights=w)
+    for r in range(5):
+        ref = kfold_accuracy(_replicate(s, w[r]), _replicate(same, w[r]), fold_ids=_replicate(fold, w[r]))[0]
+        assert accs[r] == pytest.approx(ref, abs=1e-12)
+    # a resample that draws nothing of one fold averages the folds it has
+    w0 = np.ones((1, 400))
+    w0[0, fold == 3] = 0
+    keep = fold != 3
+    assert kfold_accuracy(s, same, fold_ids=fold, weights=w0)[0] == pytest.approx(
+        kfold_accuracy(s[keep], same[keep], fold_ids=fold[keep])[0], abs=1e-12)
+
+    rank = rng.integers(1, 11, 200)
+    w = rng.integers(0, 3, (4, 200)).astype(float)
+    rows = rank_accuracy(rank, 10, (1, 5, 20), weights=w)
+    for r in range(4):
+        ref = rank_accuracy(_replicate(rank, w[r]), 10, (1, 5, 20))
+        for k in ("rank1", "rank5", "rank20"):
+            assert rows[k][r] == pytest.approx(ref[k], abs=1e-12)

@@ -11,8 +11,10 @@ from eval.protocols import (
     LFWPair,
     MissingImagesError,
     _unrank_pairs,
+    balanced_fold_pairs,
     balanced_pairs,
     identification_split,
+    identity_folds,
     lfw_image_path,
     load_lfw_pairs,
     read_lfw_pairs,
@@ -209,3 +211,49 @@ def test_lfw_parse_errors_have_line_numbers(tmp_path):
         read_lfw_pairs(_pairs_file(tmp_path, "3 1\nA 1 2\nA 1 B 1\nB 1 2\nA 2 B 2\n"))
     with pytest.raises(ValueError, match="empty"):
         read_lfw_pairs(_pairs_file(tmp_path, "\n\n"))
+
+
+# ---------------------------------------------------------------------------------------- identity-disjoint folds
+
+
+def test_balanced_fold_pairs_are_identity_disjoint(caplog):
+    labels = np.repeat(np.arange(60), 14)
+    a, b, same, fold = balanced_fold_pairs(labels, 6000, seed=0, folds=10)
+    assert a.size == 6000 and same.sum() == 3000 and np.bincount(fold).tolist() == [600] * 10
+    np.testing.assert_array_equal(labels[a] == labels[b], same)
+    for f in range(10):  # no identity (hence no image) of a fold appears in any other fold
+        inside = set(labels[np.r_[a[fold == f], b[fold == f]]])
+        outside = set(labels[np.r_[a[fold != f], b[fold != f]]])
+        assert len(inside) == 6 and not inside & outside
+        assert same[fold == f].sum() == 300  # each fold balanced
+    key = np.minimum(a, b) * labels.size + np.maximum(a, b)
+    assert np.unique(key).size == a.size  # no duplicate pairs
+    again = balanced_fold_pairs(labels, 6000, seed=0, folds=10)
+    assert all(np.array_equal(x, y) for x, y in zip((a, b, same, fold), again))
+    assert not np.array_equal(a, balanced_fold_pairs(labels, 6000, seed=1, folds=10)[0])
+    # the old round-robin folds shared identities between test and training folds; these never do
+    rr = np.empty(a.size, int)
+    for cls in (True, False):
+        idx = np.flatnonzero(same == cls)
+        rr[idx] = np.arange(idx.size) % 10
+    assert set(labels[a[rr == 0]]) & set(labels[a[rr != 0]])
+    # too few identities for 10 folds: fewer folds, said so; singletons never make a fold genuine-less
+    small = np.r_[np.repeat(np.arange(5), 3), np.arange(5, 8)]  # 5 identities x 3 images + 3 single images
+    with caplog.at_level(logging.WARNING, logger="eval.protocols"):
+        a, b, same, fold = balanced_fold_pairs(small, 40, seed=0, folds=10)
+    assert "allow 4 identity-disjoint folds" in caplog.text and np.unique(fold).size == 4
+    for f in range(4):
+        assert same[fold == f].any() and (~same[fold == f]).any()
+    with pytest.raises(ValueError, match="at least 4 identities"):
+        balanced_fold_pairs([0, 0, 1, 1, 2], 10, seed=0)
+
+
+def test_identity_folds_balance_identities():
+    labels = np.repeat(np.arange(23), 3)
+    fold = identity_folds(labels, 5, seed=0)
+    per_id = {int(f) for f in fold}
+    assert per_id == set(range(5))
+    ids_per_fold = [np.unique(labels[fold == f]).size for f in range(5)]
+    assert sorted(ids_per_fold) == [4, 4, 5, 5, 5]
+    for i in range(23):  # all images of an identity in one fold
+        assert np.unique(fold[labels == i]).size == 1
