@@ -70,12 +70,14 @@ class _Extraction:
     hr_emb: dict         # EdgeFace artifact (None = pretrained) -> (N, D) HR embeddings
     quality: dict        # image source -> {"psnr", "ssim", "psnr_y", "ssim_y"} -> (N,) per image
     samples: dict        # image source (+ "vlr") -> (n, 3, H, W) float32, in sample order
+    judge: dict = field(default_factory=dict)   # image source -> (N, D) embeddings of the independent judge
 
 
 @torch.no_grad()
 def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], models: _Models, device,
-             sample_idx: np.ndarray) -> _Extraction:
-    """One pass over the faces: each image source made once per batch, each method embedded once."""
+             sample_idx: np.ndarray, judge=None) -> _Extraction:
+    """One pass over the faces: each image source made once per batch, each method embedded once (and each
+    image source once by the independent `judge`, when one is configured)."""
     ev = cfg.eval
     loader = make_loader(faces, batch_size=int(ev.batch_size), res=res, degradation=cfg.degradation,
                          train=False, num_workers=int(cfg.data.get("num_workers") or 0), seed=int(ev.seed))
@@ -87,6 +89,7 @@ def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], m
     picked: dict[str, list] = {}
     picked_idx: list[np.ndarray] = []
     ef_keys = list(dict.fromkeys(m.edgeface for m in methods))
+    judged: dict[str, np.ndarray] = {}
 
     def put(table, key, idx, value):
         value = value.float().cpu().numpy()
@@ -114,6 +117,9 @@ def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], m
                 emb[m.name] = hr_emb[m.edgeface]
             else:
                 put(emb, m.name, idx, models.edgefaces[m.edgeface](images[m.source]))
+        if judge is not None:
+            for src, img in images.items():
+                put(judged, src, idx, torch.from_numpy(judge.embed(img)))
         sel = np.flatnonzero(np.isin(idx, sample_idx))
         if sel.size:
             picked_idx.append(idx[sel])
@@ -124,4 +130,4 @@ def _extract(cfg: DictConfig, res: int, faces: FaceSet, methods: list[Method], m
         got = np.concatenate(picked_idx)
         order = [int(np.flatnonzero(got == i)[0]) for i in sample_idx if i in got]
         samples = {src: np.concatenate(v)[order] for src, v in picked.items()}
-    return _Extraction(emb, hr_emb, quality, samples)
+    return _Extraction(emb, hr_emb, quality, samples, judged)

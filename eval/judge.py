@@ -22,6 +22,9 @@ INSTALL = 'pip install -e ".[judge]"   (dlib-bin and face_recognition_models)'
 CHIP = 150
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 JUDGES = ("dlib",)
+JUDGE_DESCRIPTION = ("dlib ResNet face descriptor (dlib_face_recognition_resnet_model_v1, trained outside this "
+                     "project), 150x150 bilinear resize of the same probe and HR gallery images; never used in "
+                     "training")
 
 
 class JudgeUnavailable(RuntimeError):

@@ -20,7 +20,11 @@ COLUMNS = (
     ("tar@far=1e-2", "TAR@FAR=1e-2", ".4f", 1), ("accuracy", "accuracy", ".4f", 1),
     ("rank1", "rank-1", ".4f", 1), ("rank5", "rank-5", ".4f", 1), ("d_prime", "d'", ".2f", 1),
     ("genuine_mean", "genuine mean", ".3f", 0), ("impostor_mean", "impostor mean", ".3f", 0),
+    # the independent judge (eval.judge), shown only when configured
+    ("judge_auc", "judge AUC", ".4f", 1), ("judge_tar@far=1e-2", "judge TAR@FAR=1e-2", ".4f", 1),
+    ("judge_rank1", "judge rank-1", ".4f", 1),
 )
+JUDGE_KEYS = ("auc", "tar@far=1e-2", "rank1")  # what the judge columns take from its scoring
 # Later stage vs the earlier one it should beat; a stage that loses is stated plainly in the report.
 COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "initial"),
                ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
@@ -123,6 +127,9 @@ def _protocol_text(results: dict) -> list[str]:
         lines.append(f"- Intervals: 95 % percentile intervals from {b['resamples']} bootstrap resamples of the test "
                      f"identities (seed {b['seed']}; a pair counts as often as its probe's identity is drawn), the "
                      "same resamples for every method, so differences between methods are paired.")
+    if info.get("judge"):
+        lines.append(f"- Judge columns: {info['judge']}; the same pairs and gallery as the EdgeFace columns. A DSR "
+                     "that only fools the fine-tuned EdgeFace gains nothing there.")
     return lines
 
 
@@ -137,12 +144,14 @@ def render_markdown(results: dict) -> str:
         table = results[res]
         lines += ["", f"## {res}x{res} px", ""]
         if table:
-            lines.append("| method | " + " | ".join(c[1] for c in COLUMNS) + " |")
-            lines.append("|---|" + "---:|" * len(COLUMNS))
+            columns = [c for c in COLUMNS
+                       if not c[0].startswith("judge_") or any(c[0] in v for v in table.values())]
+            lines.append("| method | " + " | ".join(c[1] for c in columns) + " |")
+            lines.append("|---|" + "---:|" * len(columns))
             best = (results.get("best") or {}).get(res, {})
             for m, v in table.items():
                 cells = []
-                for metric, _, fmt, _ in COLUMNS:
+                for metric, _, fmt, _ in columns:
                     cell = _fmt(v.get(metric), fmt) if metric in v else "-"
                     b = best.get(metric, {})
                     if b.get("bold") and m in (b["method"], *b.get("tied", ())):

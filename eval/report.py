@@ -47,7 +47,8 @@ from eval.errors import EvaluationError
 from eval.extract import QUALITY_KEYS, _at_res, _extract, _Extraction, _load, _Models
 from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
-from eval.render import COLUMNS, COMPARISONS, REGRESSION_METRICS, regressions, render_markdown
+from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
+from eval.render import COLUMNS, COMPARISONS, JUDGE_KEYS, REGRESSION_METRICS, regressions, render_markdown
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
 
@@ -149,7 +150,7 @@ def _comparisons(table: dict[str, dict], samples: dict[str, dict]) -> tuple[dict
 
 
 def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig_dir: Path | None,
-                         resamples: np.ndarray | None, methods: Sequence[str] | None = None) -> dict:
+                         resamples: np.ndarray | None, methods: Sequence[str] | None = None, judge=None) -> dict:
     cfg_r = _at_res(cfg, res)
     ev = cfg.eval
     store = ArtifactStore.for_config(cfg_r)
@@ -175,7 +176,7 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
     leaks = _check_overlap(cfg_r, res, store, runnable, proto, out["notes"])
     t0 = time.perf_counter()
     sample_idx = _sample_indices(proto.faces.labels, int(ev.num_samples))
-    ext = _extract(cfg_r, int(res), proto.faces, runnable, models, device, sample_idx)
+    ext = _extract(cfg_r, int(res), proto.faces, runnable, models, device, sample_idx, judge=judge)
     log.info("res=%s: embedded %d faces for %d methods in %.1f s", res, len(proto.faces), len(runnable),
              time.perf_counter() - t0)
     curves, notes, samples = {}, {}, {}
@@ -202,6 +203,16 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
                     f"res {res}, {m.name}: genuine and impostor mean cosine are close "
                     f"({metrics['genuine_mean']:.3f} vs {metrics['impostor_mean']:.3f}): the embeddings may "
                     "have collapsed; check the fine-tuning (lower the LR or the margin, fewer epochs)")
+        if ext.judge:  # the independent judge sees only the images: its own embeddings of probe and HR gallery
+            judged, _ = score_method(
+                ext.judge[m.source], ext.judge["hr"], proto.faces.labels, proto.idx_a, proto.idx_b, proto.is_same,
+                fold_ids=proto.fold, gallery_idx=proto.gallery, probe_idx=proto.probes,
+                pair_mode=str(ev.pair_mode), gallery=str(ev.gallery), folds=int(ev.folds),
+                fars=[float(f) for f in ev.fars], ranks=[int(r) for r in ev.ranks], resamples=resamples)
+            for k in JUDGE_KEYS:
+                for suffix in ("", CI_SUFFIX):
+                    if k + suffix in judged:
+                        metrics[f"judge_{k}{suffix}"] = judged[k + suffix]
         if m.name in leaks:
             metrics["overlap_identities"] = leaks[m.name]
         out["metrics"][m.name] = metrics
@@ -332,6 +343,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
     out_dir = Path(out_dir)
     res_list = _resolutions(cfg, resolutions)
     _check_settings(cfg.eval)
+    try:
+        judge = build_judge(cfg.eval.get("judge"))  # a missing extra fails before any work
+    except JudgeUnavailable as e:
+        raise EvaluationError(str(e)) from None
     device = resolve_device(cfg.device)
     proto = build_protocol(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -345,8 +360,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         "resamples": boot, "over": "identities", "seed": int(cfg.eval.seed), "interval": "percentile, 95 %"}},
              "artifacts": {}, "skipped": {}, "comparisons": {}, "best": {}, "regressions": {}, "figures": {},
              "notes": list(proto.notes)}
+    if judge is not None:
+        extra["protocol"]["judge"] = JUDGE_DESCRIPTION
     for res in res_list:
-        r = _evaluate_resolution(cfg, res, proto, device, fig_dir, resamples, methods)
+        r = _evaluate_resolution(cfg, res, proto, device, fig_dir, resamples, methods, judge)
         results[res] = r["metrics"]
         extra["artifacts"][res] = r["manifests"]
         extra["skipped"][res] = r["skipped"]
