@@ -10,7 +10,9 @@ runs them for each resolution and writes the outputs.
 
 Outputs in ``out_dir``: results.json ``{"<res>": {"<method>": {metric: value}}, "config", "artifacts",
 "skipped", "notes", "regressions", "protocol"}`` (NaN as null), report.md and figures/. Previous
-outputs there are moved to ``history/<time>/``, never overwritten.
+outputs there are moved to ``history/<time>/``, never overwritten. With ``eval.bins`` (insightface .bin
+sets, ``eval.bins``) also ``"bins": {"<file stem>": {"<res>": {"<method>": {metric: value}}}}`` and
+``"bins_protocol": {"<file stem>": {...}}``.
 
 Returns the flat dict that ``stage=cycle`` logs as its final metrics: the headline metrics (``HEADLINE``
 and every ``tar@far=...``) of every evaluated method, keyed ``"<method>/<metric>"`` (e.g. ``cyclic/auc``)
@@ -35,6 +37,7 @@ from cycle.training import resolve_device
 from eval import figures
 from eval.errors import EvaluationError
 from eval.extract import _at_res, _extract, _Extraction, _load, _Models
+from eval.bins import bin_protocol, load_bin
 from eval.methods import METHODS, PRETRAINED, Method
 from eval.render import regressions, render_markdown
 from eval.scoring import score_method
@@ -133,6 +136,23 @@ def _figures(res: str, methods: list[Method], curves: dict, ext: _Extraction, fi
     return [p.name for p in made]
 
 
+def _evaluate_bins(cfg: DictConfig, res_list: list[str], device, notes: list[str]) -> tuple[dict, dict]:
+    """Every method on each insightface .bin set (``eval.bins``), per resolution: {stem: {res: {method: metrics}}}."""
+    ev, table, infos = cfg.eval, {}, {}
+    for path in ev.bins:
+        proto = bin_protocol(str(path), int(cfg.data.get("image_size") or 112), int(ev.folds), bool(ev.allow_missing))
+        stem = Path(str(path)).stem
+        infos[stem], table[stem] = proto.info, {}
+        notes += proto.notes
+        for res in res_list:
+            r = _evaluate_resolution(cfg, res, proto, device, None)
+            table[stem][res] = r["metrics"]
+            notes += [f"{stem}: {n}" for n in r["notes"]]
+            log.info("%s res=%s: %s", stem, res, ", ".join(f"{m} accuracy {v['accuracy']:.4f}"
+                                                           for m, v in r["metrics"].items()))
+    return table, infos
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -185,6 +205,13 @@ def _check_settings(ev: DictConfig) -> None:
         raise EvaluationError(f"eval.folds={ev.folds} must be >= 2")
     if int(ev.num_pairs) < 2 or int(ev.batch_size) < 1 or int(ev.num_samples) < 0:
         raise EvaluationError("eval.num_pairs must be >= 2, eval.batch_size >= 1, eval.num_samples >= 0")
+    for b in ev.get("bins") or []:
+        if not Path(str(b)).expanduser().is_file():
+            raise EvaluationError(f"eval.bins: {b} not found (pass the insightface .bin files, e.g. "
+                                  "eval.bins=[/data/lfw.bin,/data/cfp_fp.bin])")
+    stems = [Path(str(b)).stem for b in ev.get("bins") or []]
+    if len(set(stems)) < len(stems):
+        raise EvaluationError(f"eval.bins: two files share a name ({stems}); results are keyed by file name")
     known = FigureCanvasBase.get_supported_filetypes()
     bad = [f for f in ev.figure_formats if str(f) not in known]
     if bad:
@@ -202,6 +229,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
     res_list = _resolutions(cfg, resolutions)
     _check_settings(cfg.eval)
     device = resolve_device(cfg.device)
+    for path in cfg.eval.get("bins") or []:
+        load_bin(str(path))  # a malformed or unsafe .bin fails now, not after the main evaluation
     proto = build_protocol(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     _archive_previous(out_dir)
@@ -219,6 +248,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         extra["notes"] += list(dict.fromkeys(r["notes"]))
         for line in extra["regressions"][res]:
             log.warning("res=%s: %s", res, line)
+    if cfg.eval.get("bins"):
+        extra["bins"], extra["bins_protocol"] = _evaluate_bins(cfg, res_list, device, extra["notes"])
     results.update(extra)
     results = _jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
