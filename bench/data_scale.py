@@ -103,7 +103,9 @@ def loaders(root: Path, cache_dir: Path, workers_list, batches: int, batch: int)
 def render_markdown(r: dict) -> str:
     b, s, x = r["build"], r["set"], r["extrapolated"]
     lines = [f"Measured on {r['images']:,} JPEG images ({r['identities']:,} identities, {s['bytes_per_image']:.0f} "
-             f"bytes per JPEG), {r['cpus']} CPU core(s), {r['prepare_workers']} decoding process(es).", "",
+             f"bytes per JPEG), {r['cpus']} CPU core(s) (load average {r.get('load_average', float('nan')):.1f} "
+             "at the end), "
+             f"{r['prepare_workers']} decoding process(es).", "",
              md_table(["cache build", "value"], [
                  ["images/s", fmt(b["images_per_s"], ".0f")],
                  ["disk bytes per image (uint8 112x112x3 + header)", fmt(b["disk_bytes_per_image"], ".0f")],
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"cache build: {b['images_per_s']:.0f} img/s; loaders")
     lo = loaders(root, cache_dir, (0, 2), args.batches, args.batch)
     n = args.extrapolate
-    r = {"images": args.images, "identities": -(-args.images // args.per_identity), "cpus": os.cpu_count(),
+    r = {"load_average": os.getloadavg()[0], "images": args.images,
+         "identities": -(-args.images // args.per_identity), "cpus": os.cpu_count(),
          "prepare_workers": min(args.workers, max(1, args.images // 200)), "batch": args.batch, "set": s, "build": b,
          "loader": lo, "extrapolated": {"images": n, "build_hours": n / b["images_per_s"] / 3600,
                                         "cache_gb": n * b["disk_bytes_per_image"] / 1e9,

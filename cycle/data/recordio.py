@@ -156,7 +156,8 @@ class RecordFile:
         head = self._read(offset, 8 + _IR.size + 8)
         if len(head) >= 8 + _IR.size and struct.unpack("<I", head[:4])[0] == MAGIC and head[7] >> 5 == 0:
             length = struct.unpack("<I", head[4:8])[0] & _LEN_MASK
-            if length >= _IR.size + 8 and offset + 8 + length <= self.size:
+            flag = struct.unpack_from("<I", head, 8)[0]
+            if flag <= 2 and length >= _IR.size + 8 and offset + 8 + length <= self.size:  # labels all in `head`
                 return unpack_header(head[8:], self.path, offset)[:2]
         return unpack_header(self.read(offset), self.path, offset)[:2]
 
