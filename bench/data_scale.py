@@ -4,7 +4,8 @@
     python -m bench.data_scale --images 20000 --out /tmp/b
 
 Writes a `--images` JPEG set (the synthetic renderer, `--per-identity` images per identity) once, then
-measures: the cache build of `data.cache=disk` in a fresh process (images/s, peak RSS of the building
+measures, for the folder and for the same images as an insightface train.rec (`--sources`): the cache
+build of `data.cache=disk` in a fresh process (images/s, peak RSS of the building
 process and of its decoding workers, disk bytes per image), and loader samples/s with 0 and 2 workers,
 cached and streaming (`data.cache=none`). Extrapolates build time and disk to `--extrapolate` images
 (3.3M: VGGFace2). Results: data_scale.json and data_scale.md in --out.
@@ -20,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from bench.common import compose, fmt, loader_throughput, md_table
 
 ROOT = Path(__file__).resolve().parent.parent
+MiB = 2 ** 20
 BLOCK = 2048  # images rendered per block while writing the set
 
 BUILD = """
@@ -66,16 +69,43 @@ def write_set(root: Path, images: int, per: int, workers: int, say) -> dict:
     return info
 
 
-def data_cfg(root: Path, cache: str, workers: int) -> dict:
-    return {"name": "scale", "root": str(root), "split": {"val": 0, "test": 0}, "cache": cache,
-            "prepare_workers": workers, "image_size": 112}
+def write_rec_set(root: Path, rec_dir: Path, say) -> None:
+    """The same JPEGs as an insightface train.rec/train.idx (record 0, images, identity records); once."""
+    from cycle.data.recordio import pack_image, write_rec
+
+    marker = rec_dir / ".complete"
+    if marker.exists():
+        return
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    ids = sorted(d for d in root.iterdir() if d.is_dir())
+    files = [(k, f) for k, d in enumerate(ids) for f in sorted(d.iterdir())]
+    n = len(files)
+    counts = np.bincount([k for k, _ in files], minlength=len(ids))
+    starts = 1 + np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    def records():
+        yield 0, pack_image([n + 1, n + 1 + len(ids)], b"")
+        for i, (k, f) in enumerate(files):
+            yield i + 1, pack_image(k, f.read_bytes())
+        for k in range(len(ids)):
+            yield n + 1 + k, pack_image([starts[k], starts[k] + counts[k]], b"")
+    write_rec(rec_dir / "train", records())
+    marker.write_text("ok")
+    say(f"RecordIO set: {rec_dir / 'train.rec'} ({n} images)")
 
 
-def build_cache(root: Path, cache_dir: Path, workers: int) -> dict:
+def data_cfg(root: Path, cache: str, workers: int, source: str = "folder") -> dict:
+    cfg = {"name": f"scale_{source}", "root": str(root), "split": {"val": 0, "test": 0}, "cache": cache,
+           "prepare_workers": workers, "image_size": 112}
+    return {**cfg, "rec": "train.rec", "idx": "train.idx"} if source == "rec" else cfg
+
+
+def build_cache(root: Path, cache_dir: Path, workers: int, source: str = "folder") -> dict:
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", BUILD, json.dumps(data_cfg(root, "disk", workers)), str(cache_dir)],
+    cfg = json.dumps(data_cfg(root, "disk", workers, source))
+    out = subprocess.run([sys.executable, "-c", BUILD, cfg, str(cache_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["images_per_s"] = r["n"] / r["seconds"]
@@ -83,7 +113,7 @@ def build_cache(root: Path, cache_dir: Path, workers: int) -> dict:
     return r
 
 
-def loaders(root: Path, cache_dir: Path, workers_list, batches: int, batch: int) -> dict:
+def loaders(root: Path, cache_dir: Path, workers_list, batches: int, batch: int, source: str = "folder") -> dict:
     from omegaconf import OmegaConf
 
     from cycle.data import build_splits, make_loader
@@ -91,7 +121,7 @@ def loaders(root: Path, cache_dir: Path, workers_list, batches: int, batch: int)
     cfg = compose()  # the default degradation and augmentation, as training uses them
     out = {}
     for mode in ("disk", "none"):
-        faces = build_splits(OmegaConf.create(data_cfg(root, mode, 1)), cache_dir)["train"]
+        faces = build_splits(OmegaConf.create(data_cfg(root, mode, 1, source)), cache_dir)["train"]
         for w in workers_list:
             loader = make_loader(faces, batch_size=batch, res=16, degradation=cfg.degradation, train=True,
                                  augment=cfg.data.augment, num_workers=w, seed=0)
@@ -101,22 +131,25 @@ def loaders(root: Path, cache_dir: Path, workers_list, batches: int, batch: int)
 
 
 def render_markdown(r: dict) -> str:
-    b, s, x = r["build"], r["set"], r["extrapolated"]
+    s, x, srcs = r["set"], r["extrapolated"], list(r["build"])
+    build = [["images/s"] + [fmt(r["build"][k]["images_per_s"], ".0f") for k in srcs],
+             ["disk bytes per image (uint8 112x112x3 + header)"]
+             + [fmt(r["build"][k]["disk_bytes_per_image"], ".0f") for k in srcs],
+             ["RSS before the build, after imports (MiB)"]
+             + [fmt(r["build"][k]["rss_before"] / MiB, ".0f") for k in srcs],
+             ["peak RSS, building process (MiB)"] + [fmt(r["build"][k]["rss_self"] / MiB, ".0f") for k in srcs],
+             ["peak RSS, largest decoding worker, forked from it (MiB)"]
+             + [fmt(r["build"][k]["rss_children"] / MiB, ".0f") for k in srcs],
+             ["wall time (s)"] + [fmt(r["build"][k]["seconds"], ".1f") for k in srcs]]
+    keys = list(r["loader"][srcs[0]])
+    loader = [[k.replace("/", ", ") + " worker(s)"] + [fmt(r["loader"][src][k], ".0f") for src in srcs] for k in keys]
     lines = [f"Measured on {r['images']:,} JPEG images ({r['identities']:,} identities, {s['bytes_per_image']:.0f} "
              f"bytes per JPEG), {r['cpus']} CPU core(s) (load average {r.get('load_average', float('nan')):.1f} "
-             "at the end), "
-             f"{r['prepare_workers']} decoding process(es).", "",
-             md_table(["cache build", "value"], [
-                 ["images/s", fmt(b["images_per_s"], ".0f")],
-                 ["disk bytes per image (uint8 112x112x3 + header)", fmt(b["disk_bytes_per_image"], ".0f")],
-                 ["RSS of the process before the build, after imports (MiB)", fmt(b["rss_before"] / 2 ** 20, ".0f")],
-                 ["peak RSS, building process (MiB)", fmt(b["rss_self"] / 2 ** 20, ".0f")],
-                 ["peak RSS, largest decoding worker, forked from it (MiB)", fmt(b["rss_children"] / 2 ** 20, ".0f")],
-                 ["wall time (s)", fmt(b["seconds"], ".1f")]]), "",
-             md_table(["loader (batch %d, res 16, augmentation + degradation)" % r["batch"], "samples/s"],
-                      [[k.replace("/", ", ") + " worker(s)", fmt(v, ".0f")] for k, v in r["loader"].items()]), "",
-             f"Extrapolated to {x['images']:,} images: cache build {x['build_hours']:.1f} h at the measured rate "
-             f"({r['prepare_workers']} process(es); it scales with decoding processes), cache size "
+             f"at the end), {r['prepare_workers']} decoding process(es).", "",
+             md_table(["cache build"] + srcs, build), "",
+             md_table([f"loader samples/s (batch {r['batch']}, res 16, augmentation + degradation)"] + srcs, loader),
+             "", f"Extrapolated to {x['images']:,} images ({srcs[0]}): cache build {x['build_hours']:.1f} h at the "
+             f"measured rate ({r['prepare_workers']} process(es); it scales with decoding processes), cache size "
              f"{x['cache_gb']:.0f} GB (JPEG source {x['source_gb']:.0f} GB); peak RSS stays at the measured values "
              "(chunked writes, no whole-split array)."]
     return "\n".join(lines) + "\n"
@@ -131,26 +164,34 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding/rendering processes")
     ap.add_argument("--batches", type=int, default=30, help="timed loader batches")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--sources", nargs="+", choices=("folder", "rec"), default=["folder", "rec"],
+                    help="the JPEG folder and/or the same images as train.rec")
     ap.add_argument("--extrapolate", type=int, default=3_300_000)
     args = ap.parse_args(argv)
 
     def say(msg):
         print(f"[data_scale] {msg}", file=sys.stderr, flush=True)
 
-    root = Path(args.root) / f"n{args.images}"
-    cache_dir = Path(args.root) / f"cache_n{args.images}"
-    s = write_set(root, args.images, args.per_identity, args.workers, say)
-    say("cache build (fresh process)")
-    b = build_cache(root, cache_dir, args.workers)
-    say(f"cache build: {b['images_per_s']:.0f} img/s; loaders")
-    lo = loaders(root, cache_dir, (0, 2), args.batches, args.batch)
-    n = args.extrapolate
+    folder = Path(args.root) / f"n{args.images}"
+    s = write_set(folder, args.images, args.per_identity, args.workers, say)
+    builds, loads = {}, {}
+    for src in args.sources:
+        root = folder if src == "folder" else Path(args.root) / f"rec_n{args.images}"
+        if src == "rec":
+            write_rec_set(folder, root, say)
+        cache_dir = Path(args.root) / f"cache_{src}_n{args.images}"
+        say(f"{src}: cache build (fresh process)")
+        builds[src] = build_cache(root, cache_dir, args.workers, src)
+        say(f"{src}: cache build {builds[src]['images_per_s']:.0f} img/s; loaders")
+        loads[src] = loaders(root, cache_dir, (0, 2), args.batches, args.batch, src)
+    first, n = builds[args.sources[0]], args.extrapolate
     r = {"load_average": os.getloadavg()[0], "images": args.images,
          "identities": -(-args.images // args.per_identity), "cpus": os.cpu_count(),
-         "prepare_workers": min(args.workers, max(1, args.images // 200)), "batch": args.batch, "set": s, "build": b,
-         "loader": lo, "extrapolated": {"images": n, "build_hours": n / b["images_per_s"] / 3600,
-                                        "cache_gb": n * b["disk_bytes_per_image"] / 1e9,
-                                        "source_gb": n * s["bytes_per_image"] / 1e9}}
+         "prepare_workers": min(args.workers, max(1, args.images // 200)), "batch": args.batch, "set": s,
+         "build": builds, "loader": loads,
+         "extrapolated": {"images": n, "build_hours": n / first["images_per_s"] / 3600,
+                          "cache_gb": n * first["disk_bytes_per_image"] / 1e9,
+                          "source_gb": n * s["bytes_per_image"] / 1e9}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_scale.json").write_text(json.dumps(r, indent=2, default=float))
