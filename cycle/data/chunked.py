@@ -16,6 +16,7 @@ file) and `name(i)` (for messages); it is pickled once per build worker and once
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -95,6 +96,18 @@ def _decode_rows(span: tuple[int, int]) -> tuple[int, np.ndarray, dict[int, str]
         except Exception as exc:  # any decoder failure = a corrupt file; the parent reports it
             errors[i] = f"{type(exc).__name__}: {exc}"
     return start, out, errors
+
+
+def _bounded_imap(pool, spans, ahead: int):
+    """pool.imap, but at most `ahead` chunks decoded and not yet written: memory stays bounded when the
+    disk is slower than the decoders (imap queues every finished result)."""
+    pending = collections.deque()
+    for span in spans:
+        pending.append(pool.apply_async(_decode_rows, (span,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 class _Progress:
@@ -177,7 +190,7 @@ def build_rows(npy: Path, source, size: int, workers: int, what: str) -> dict[in
     try:
         if pool is None:
             _init_worker(source)
-        results = pool.imap(_decode_rows, spans) if pool else map(_decode_rows, spans)
+        results = _bounded_imap(pool, spans, 2 * workers) if pool else map(_decode_rows, spans)
         for start, block, errors in results:  # in order: `done` is always a prefix
             os.pwrite(fd, block.tobytes(), state["offset"] + start * row_bytes)
             bad.update(errors)
