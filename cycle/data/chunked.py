@@ -132,7 +132,7 @@ class _Progress:
             rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             log.info("%s: %d/%d images (%.1f%%), %.0f img/s, ETA %s", self.what, self.done, self.total,
-                     100.0 * self.done / self.total, rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     100.0 * self.done / self.total, rate, f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
 
     def close(self) -> float:
         if self.bar is not None:

@@ -27,6 +27,7 @@ import logging
 import os
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -180,9 +181,11 @@ def unpack_header(payload: bytes, path: str = "", offset: int = 0) -> tuple[int,
 def read_index(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(keys, offsets) of a .idx file, sorted by key."""
     try:
-        with open(path) as f:
-            rows = [line.split("\t") for line in f.read().splitlines() if line.strip()]
-        table = np.array(rows, np.int64).reshape(-1, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an empty file: reported below
+            table = np.loadtxt(path, dtype=np.int64, delimiter="\t", ndmin=2)  # C parser: millions of lines
+        if table.size and table.shape[1] != 2:
+            raise ValueError(table.shape)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     except ValueError:
