@@ -10,11 +10,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import ROOT
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cycle.data import build_splits
+from cycle.data import DataError, build_splits
 from cycle.data import chunked
 from cycle.data.folder import FolderImages
 
@@ -90,3 +91,24 @@ def test_build_writes_in_chunks_without_a_whole_split_array(tmp_path, monkeypatc
            "image_size": 32}
     faces = build_splits(OmegaConf.create(cfg), tmp_path / "c")["train"]
     assert len(faces) == N and max(writes) == 64 * 32 * 32 * 3 and sum(writes) == N * 32 * 32 * 3
+
+
+def test_streaming_reads_the_source_and_reports_unreadable_files(tmp_path, caplog):
+    _tree(tmp_path / "r")
+    (tmp_path / "r" / "id000" / "broken.jpg").write_bytes(b"not a jpeg")
+    cfg = {"name": "folder", "root": str(tmp_path / "r"), "split": {"val": 0, "test": 0}, "image_size": 32,
+           "cache": "none"}
+    faces = build_splits(OmegaConf.create(cfg), tmp_path / "c")["train"]
+    assert not (tmp_path / "c" / "faces").exists() or not list((tmp_path / "c" / "faces").iterdir())
+    cached = build_splits(OmegaConf.create({**cfg, "cache": "disk"}), tmp_path / "c2")["train"]
+    row = faces.files.index("id000/broken.jpg")
+    assert len(faces) == N + 1 and len(cached) == N  # the cache build drops it; streaming finds it when drawn
+    assert np.array_equal(faces.images[row + 1], cached.images[row])
+    with caplog.at_level(logging.WARNING):
+        assert not faces.images[row].any()
+    assert "broken.jpg" in caplog.text and "black image" in caplog.text
+    strict = build_splits(OmegaConf.create({**cfg, "strict": True}), tmp_path / "c")["train"]
+    with pytest.raises(DataError, match=r"broken\.jpg.*data\.strict=true"):
+        strict.images[row]
+    with pytest.raises(DataError, match="data.cache='ram' must be disk"):
+        build_splits(OmegaConf.create({**cfg, "cache": "ram"}), tmp_path / "c")
