@@ -35,12 +35,13 @@ import json, resource, sys, time
 from omegaconf import OmegaConf
 from cycle.data import build_splits
 cfg = OmegaConf.create(json.loads(sys.argv[1]))
-rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+status = lambda key: [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key)][0]
+rss = status("VmRSS:")
 t0 = time.perf_counter()
 faces = build_splits(cfg, sys.argv[2])["train"]
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "n": len(faces), "cache": faces.cache_path, "rss_before": rss,
-                  "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "rss_self": status("VmHWM:"),  # not ru_maxrss: Linux carries the parent's peak across exec
                   "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
