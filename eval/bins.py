@@ -135,7 +135,8 @@ def bin_protocol(path: str | Path, size: int = 112, folds: int = 10, allow_missi
     # A .bin names no identities: one pseudo-identity per image, named so it can never equal a training
     # identity (data=rec names identities by their label, "0", "1", ...).
     fs = FaceSet(images=faces, labels=np.arange(2 * n, dtype=np.int64),
-                 identities=[f"{path.stem}:{k}" for k in range(2 * n)], files=[f"{path.stem}/{k}" for k in range(2 * n)])
+                 identities=[f"{path.stem}:{k}" for k in range(2 * n)],
+                 files=[f"{path.stem}/{k}" for k in range(2 * n)])
     info = {"kind": "bin", "file": str(path), "num_pairs": int(keep.sum()), "num_genuine": int(same[keep].sum()),
             "num_images": 2 * n, "num_folds": folds, "num_dropped": int((~keep).sum()), "probe": "first image"}
     log.info("%s: %d pairs (%d genuine), %d folds", path, info["num_pairs"], info["num_genuine"], folds)
