@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+	$(PY) -m bench.data_scale
 
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality

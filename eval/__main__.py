@@ -3,6 +3,7 @@
     python -m eval res=16,24,32                                   # held-out synthetic identities
     python -m eval res=32 data=orl name=orl                       # held-out ORL identities
     python -m eval data=folder data.root=DIR eval.pairs_file=FILE # LFW pairs.txt protocol, 10 folds
+    python -m eval eval.bins=[/data/lfw.bin,/data/cfp_fp.bin] res=16   # + insightface .bin sets
 
 Same conf/ as train.py (any train override works: name=, paths.*, degradation.*, eval.*). Writes
 results.json, report.md and figures/ in ${paths.output_dir}/${name}/eval/<time> and prints the report

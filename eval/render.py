@@ -192,7 +192,43 @@ def render_markdown(results: dict) -> str:
             other = [f"[{f}](figures/{f})" for f in figs if not f.endswith(".png")]
             if other:
                 lines += ["", "Also: " + ", ".join(other)]
+    lines += _bins_section(results)
     notes = results.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+BIN_COLUMNS = ("accuracy", "auc", "eer", "tar@far=1e-3", "tar@far=1e-2", "psnr", "ssim")
+
+
+def _bins_section(results: dict) -> list[str]:
+    """One table per insightface .bin set and resolution (eval.bins)."""
+    bins, infos = results.get("bins") or {}, results.get("bins_protocol") or {}
+    if not bins:
+        return []
+    mode = ((results.get("config") or {}).get("eval") or {}).get("pair_mode", "sr_hr")
+    lines = ["", "## insightface verification sets (.bin)", "",
+             "Each file's own pairs; pair i = images 2i and 2i+1. The first image of each pair is the VLR probe "
+             "(degraded as above, then the method); the second is "
+             + ("the HR reference" if mode == "sr_hr" else "processed by the method as well")
+             + f" (eval.pair_mode={mode}). Accuracy: the insightface protocol, 10 folds of consecutive pairs, each "
+             "threshold chosen on the other folds (mean +- std over folds). No identities, so no identification."]
+    spec = {c[0]: c for c in COLUMNS}
+    cols = [spec[m] for m in BIN_COLUMNS]  # accuracy first: the figure insightface papers quote
+    for stem, per_res in bins.items():
+        info = infos.get(stem, {})
+        for res, table in per_res.items():
+            lines += ["", f"### {stem}, {res}x{res} px ({info.get('num_pairs')} pairs, "
+                      f"{info.get('num_genuine')} genuine)", ""]
+            if not table:
+                lines.append("No method could be evaluated.")
+                continue
+            lines.append("| method | " + " | ".join(c[1] for c in cols) + " |")
+            lines.append("|---|" + "---:|" * len(cols))
+            for m, v in table.items():
+                cells = [_fmt(v.get(metric), fmt) if metric in v else "-" for metric, _, fmt, _ in cols]
+                if "accuracy_std" in v:
+                    cells[0] += f" +- {_fmt(v['accuracy_std'], '.4f')}"
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines

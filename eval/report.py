@@ -17,6 +17,8 @@ and resolution, so differences are paired). ``comparisons[res]["<later> vs <earl
 [metric]`` = {diff, ci95, verdict} for the stage pairs of ``eval.render.COMPARISONS``; ``best[res][metric]``
 names the best VLR method (``tied``: methods with identical values in every resample, e.g. one DSR's PSNR
 under two EdgeFaces) and whether its paired difference to every other excludes zero (``bold``).
+With ``eval.bins`` (insightface .bin sets) also ``"bins": {"<file stem>": {"<res>": {"<method>": {metric: value}}}}``
+and ``"bins_protocol": {"<file stem>": {...}}``.
 
 Returns the flat dict that ``stage=cycle`` logs as its final metrics: the headline metrics (``HEADLINE``
 and every ``tar@far=...``) of every evaluated method, keyed ``"<method>/<metric>"`` (e.g. ``cyclic/auc``)
@@ -42,12 +44,13 @@ from cycle.files import HISTORY, move_aside
 from cycle.stages import STAGE, producer
 from cycle.training import resolve_device
 from eval import figures
+from eval.bins import bin_protocol, load_bin
 from eval.bootstrap import CI_SUFFIX, identity_resamples, interval, paired_difference, weighted_means, weights_for
 from eval.errors import EvaluationError
 from eval.extract import QUALITY_KEYS, _at_res, _extract, _Extraction, _load, _Models
+from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
 from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
-from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
 from eval.render import COLUMNS, COMPARISONS, JUDGE_KEYS, REGRESSION_METRICS, regressions, render_markdown
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
@@ -265,6 +268,25 @@ def _quality_conventions(cfg: DictConfig) -> dict:
             "down_kernel": DOWN_KERNELS.get(down, down), "bicubic_kernel": UPSAMPLE_KERNEL}
 
 
+def _evaluate_bins(cfg: DictConfig, res_list: list[str], device, notes: list[str], methods=None,
+                   judge=None) -> tuple[dict, dict]:
+    """Every method on each insightface .bin set (``eval.bins``), per resolution: {stem: {res: {method: metrics}}}."""
+    ev, table, infos = cfg.eval, {}, {}
+    for path in ev.bins:
+        proto = bin_protocol(str(path), int(cfg.data.get("image_size") or 112), int(ev.folds), bool(ev.allow_missing))
+        stem = Path(str(path)).stem
+        infos[stem], table[stem] = proto.info, {}
+        notes += proto.notes
+        for res in res_list:
+            # no bootstrap: a .bin has no identity labels to resample (its pairs are not independent)
+            r = _evaluate_resolution(cfg, res, proto, device, None, None, methods, judge)
+            table[stem][res] = r["metrics"]
+            notes += [f"{stem}: {n}" for n in r["notes"]]
+            log.info("%s res=%s: %s", stem, res, ", ".join(f"{m} accuracy {v['accuracy']:.4f}"
+                                                           for m, v in r["metrics"].items()))
+    return table, infos
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -322,6 +344,13 @@ def _check_settings(ev: DictConfig) -> None:
     boot = int(ev.get("bootstrap") or 0)
     if 0 < boot < 1000:
         raise EvaluationError(f"eval.bootstrap={boot}: use >= 1000 resamples for a 95 % interval, or 0 for none")
+    for b in ev.get("bins") or []:
+        if not Path(str(b)).expanduser().is_file():
+            raise EvaluationError(f"eval.bins: {b} not found (pass the insightface .bin files, e.g. "
+                                  "eval.bins=[/data/lfw.bin,/data/cfp_fp.bin])")
+    stems = [Path(str(b)).stem for b in ev.get("bins") or []]
+    if len(set(stems)) < len(stems):
+        raise EvaluationError(f"eval.bins: two files share a name ({stems}); results are keyed by file name")
     known = FigureCanvasBase.get_supported_filetypes()
     bad = [f for f in ev.figure_formats if str(f) not in known]
     if bad:
@@ -348,6 +377,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
     except JudgeUnavailable as e:
         raise EvaluationError(str(e)) from None
     device = resolve_device(cfg.device)
+    for path in cfg.eval.get("bins") or []:
+        load_bin(str(path))  # a malformed or unsafe .bin fails now, not after the main evaluation
     proto = build_protocol(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     _archive_previous(out_dir)
@@ -374,6 +405,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         extra["notes"] += list(dict.fromkeys(r["notes"]))
         for line in extra["regressions"][res]:
             log.warning("res=%s: %s", res, line)
+    if cfg.eval.get("bins"):
+        extra["bins"], extra["bins_protocol"] = _evaluate_bins(cfg, res_list, device, extra["notes"], methods, judge)
     results.update(extra)
     results = _jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

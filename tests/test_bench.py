@@ -92,3 +92,21 @@ def test_quality_commands_and_tables(tmp_path):
     assert "| `hr` | - | - | 0.9900 | 0.0200 | n/a |" in md  # null (NaN) = n/a, absent = -
     assert "cyclic is worse than initial in eer" in md
     assert md.index("`hr`") < md.index("`bicubic`") < md.index("`cyclic`")
+
+
+@pytest.mark.slow  # 15-100 s (machine load): a small JPEG set and its .rec, two cache builds, eight loaders
+def test_data_scale_bench_small(tmp_path):
+    from bench import data_scale
+
+    r = data_scale.main(["--images", "120", "--per-identity", "10", "--root", str(tmp_path / "set"),
+                         "--out", str(tmp_path / "out"), "--batches", "2", "--batch", "8", "--workers", "1"])
+    for src in ("folder", "rec"):
+        assert r["build"][src]["n"] == 120 and r["build"][src]["images_per_s"] > 0
+        assert r["build"][src]["disk_bytes_per_image"] == pytest.approx(112 * 112 * 3, rel=0.01)
+        assert set(r["loader"][src]) == {"cached/0", "cached/2", "streaming/0", "streaming/2"}
+        assert all(v > 0 for v in r["loader"][src].values())
+    assert r["extrapolated"]["images"] == 3_300_000
+    assert "Extrapolated to 3,300,000 images" in (tmp_path / "out" / "data_scale.md").read_text()
+    again = data_scale.main(["--images", "120", "--per-identity", "10", "--root", str(tmp_path / "set"),
+                             "--out", str(tmp_path / "out"), "--batches", "2", "--batch", "8", "--workers", "1"])
+    assert again["set"] == r["set"]  # the JPEG set is written once

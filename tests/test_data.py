@@ -237,9 +237,9 @@ def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     _save(tmp_path / "r/a/2.png", np.full((8, 8, 3), 20, np.uint8))
     first = build_splits(_cfg(tmp_path / "r"), tmp_path / "c")["train"]
     assert Path(first.cache_path).parent == tmp_path / "c" / "faces"
-    import cycle.data.folder as data_mod
+    import cycle.data.chunked as data_mod
 
-    monkeypatch.setattr(data_mod, "_decode_folder", lambda *a, **k: pytest.fail("cache not reused"))
+    monkeypatch.setattr(data_mod, "build_rows", lambda *a, **k: pytest.fail("cache not reused"))
     assert np.array_equal(build_splits(_cfg(tmp_path / "r"), tmp_path / "c")["train"].images, first.images)
     monkeypatch.undo()
     _save(tmp_path / "r/a/3.png", np.full((8, 8, 3), 30, np.uint8))  # content changed -> new cache file

@@ -1,9 +1,11 @@
 """Face data for every stage: splits, decoded-array caches, (VLR, HR) loaders.
 
-A dataset is either the procedural synthetic faces (`data=synthetic`) or a folder
-with one sub-folder per identity (`data=folder`, `data=orl`). Each split is decoded
-once into a uint8 (N, 112, 112, 3) .npy file under `cache_dir/faces/`, named by a
-hash of everything that determines its content, and memory-mapped afterwards.
+A dataset is the procedural synthetic faces (`data=synthetic`), a folder with one
+sub-folder per identity (`data=folder`, `data=orl`) or an insightface RecordIO set
+(`data=rec`: train.rec + train.idx). Each split is decoded once into a uint8
+(N, 112, 112, 3) .npy file under `cache_dir/faces/`, named by a hash of everything
+that determines its content, built in resumable chunks and memory-mapped afterwards;
+`data.cache=none` decodes from the source in the loader workers instead.
 VLR images are made on the fly from the (augmented) HR image by `cycle.degrade`.
 
 Bad input raises `DataError` with a message that says what to fix; it is checked
@@ -15,9 +17,11 @@ What lives where (each module imports only the ones listed before it):
 - `faceset`: `FaceSet`, the images, labels and identities of one split.
 - `splits`: identity-disjoint splits (`split_identities`), identity selection, `pairable_identities`.
 - `cache`: cache key -> file paths, loading, atomic writes, `CACHE_VERSION`.
+- `chunked`: a source split -> FaceSet: the resumable chunked cache build, or streaming (`data.cache=none`).
 - `render`: the procedural face renderer behind `data=synthetic`.
 - `synthetic`: the synthetic splits, rendered into the cache.
-- `folder`: folder datasets: scan, `load_image`, decoding into the cache, unreadable-file report.
+- `folder`: folder datasets: scan, `load_image`, the split's files as a source of `chunked`.
+- `recordio`: insightface RecordIO without MXNet: framing, image header, index, label scan, the source.
 - `sources`: `build_splits`, a data config -> train/val/test `FaceSet`s.
 - `samplers`: `EpochSampler`, `PKBatchSampler`, `set_epoch` and the per-sample key seeds.
 - `augment`: training augmentation of HR batches and its `data.augment` check.

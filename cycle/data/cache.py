@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 from pathlib import Path
 from typing import Mapping
@@ -52,31 +51,6 @@ def _faceset(images, meta: dict, npy: Path, size: int) -> FaceSet:
     return FaceSet(images=images, labels=np.asarray(meta["labels"], np.int64),
                    identities=list(meta["identities"]), files=list(meta["files"]),
                    cache_path=str(npy) if meta["n"] else None)
-
-
-def _commit(arr: np.memmap, tmp: Path, ok: np.ndarray, npy: Path) -> None:
-    """Move the decoded rows into place atomically, dropping the rows that failed to decode."""
-    if ok.all():
-        arr.flush()
-        del arr
-        os.replace(tmp, npy)
-        return
-    part = npy.with_name(f"{npy.name}.tmp{os.getpid()}b")
-    final = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(int(ok.sum()), *arr.shape[1:]))
-    row = 0
-    for start in range(0, len(arr), 4096):  # in blocks: a big dataset does not fit in memory
-        block = arr[start:start + 4096][ok[start:start + 4096]]
-        final[row:row + len(block)] = block
-        row += len(block)
-    final.flush()
-    del arr, final
-    tmp.unlink()
-    os.replace(part, npy)
-
-
-def _pool(workers: int):
-    # fork, as torch's DataLoader on Linux: no re-import of the caller's __main__.
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
 
 
 def _workers(cfg: Mapping, jobs: int) -> int:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image
 
-from cycle.data.cache import CACHE_VERSION, _cache_paths, _commit, _faceset, _load_cached, _pool, _workers, _write_meta
+from cycle.data.cache import CACHE_VERSION
+from cycle.data.chunked import cache_mode, source_split
 from cycle.data.faceset import FaceSet
 from cycle.data.options import DataError, _get, _int, _plain
 from cycle.data.splits import SPLITS, _select, split_identities
@@ -80,87 +80,30 @@ def load_image(path, size: int = 112, resize: str = "resize") -> np.ndarray:
         return np.asarray(im, np.uint8)
 
 
-def _decode_chunk(args):
-    paths, size, resize = args
-    out, errors = np.zeros((len(paths), size, size, 3), np.uint8), {}
-    for i, p in enumerate(paths):
-        try:
-            out[i] = load_image(p, size, resize)
-        except Exception as exc:  # any decoder failure = a corrupt file; the parent reports it
-            errors[i] = f"{type(exc).__name__}: {exc}"
-    return out, errors
+class FolderImages:
+    """The images of one split of a folder dataset, as a source of `cycle.data.chunked`."""
+
+    def __init__(self, root: Path, files: list[str], size: int, resize: str):
+        self.root, self.files, self.size, self.resize = root, files, size, resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.root / self.files[i])
+
+    def load(self, i: int) -> np.ndarray:
+        return load_image(self.root / self.files[i], self.size, self.resize)
 
 
-def _decode_folder(npy: Path, root: Path, files: list[str], size: int, resize: str, workers: int):
-    """Decode into a temporary memmap; returns (memmap, its path, ok mask, {file: reason})."""
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_name(f"{npy.name}.tmp{os.getpid()}")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    chunk = 64
-    tasks = [([str(root / f) for f in files[i:i + chunk]], size, resize) for i in range(0, len(files), chunk)]
-    bad: dict[str, str] = {}
-    pool = _pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
-        for t, (block, errors) in enumerate(results):
-            arr[t * chunk:t * chunk + len(block)] = block
-            bad.update({files[t * chunk + i]: msg for i, msg in errors.items()})
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    ok = np.array([f not in bad for f in files], bool)
-    return arr, tmp, ok, bad
-
-
-def _report_skipped(root, skipped: list[list[str]], strict: bool) -> None:
-    if not skipped:
-        return
-    listed = "; ".join(f"{f} ({why})" for f, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-    if strict:
-        raise DataError(f"{len(skipped)} unreadable image file(s) under {root} and data.strict=true: "
-                        f"{listed}")
-    log.warning("skipped %d unreadable image file(s) under %s (data.strict=true makes this an error): %s",
-                len(skipped), root, listed)
-
-
-def _folder_split(cfg, cache_dir, root: Path, split: str, members: list[str], found, size, resize, strict):
+def _folder_split(cfg, cache_dir, root: Path, split: str, members: list[str], found, size, resize) -> FaceSet:
     files = [f"{m}/{f}" for m in members for f in found[m]]
-    if not files:  # a split configured to 0 identities
-        return FaceSet(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), [], [])
     stats = []
     for f in files:
         st = os.stat(root / f)
         stats.append([f, st.st_size, st.st_mtime_ns])
     key = {"v": CACHE_VERSION, "root": str(root.resolve()), "size": size, "resize": resize, "files": stats}
-    name = str(_get(cfg, "name", "folder"))
-    npy, meta_path = _cache_paths(cache_dir, name, split, key)
-    cached = _load_cached(npy, meta_path)
-    if cached is not None:
-        _report_skipped(root, cached[1]["skipped"], strict)
-        return _faceset(*cached, npy, size)
-    t0 = time.perf_counter()
-    arr, tmp, ok, bad = _decode_folder(npy, root, files, size, resize, _workers(cfg, len(files)))
-    skipped = [[f, bad[f]] for f in files if f in bad]
-    if skipped and strict:
-        arr = None  # unmap before removing the file
-        tmp.unlink(missing_ok=True)
-    _report_skipped(root, skipped, strict)  # raises in strict mode
-    _commit(arr, tmp, ok, npy)
-    kept = [f for f, good in zip(files, ok) if good]
-    ident = [f.split("/", 1)[0] for f in kept]
-    identities = sorted(set(ident))
-    lost = [m for m in members if m not in set(identities)]
-    if lost:
-        log.warning("%s split: %d identities lost every image to decoding errors: %s",
-                    split, len(lost), lost[:5])
-    index = {m: i for i, m in enumerate(identities)}
-    meta = {"n": len(kept), "identities": identities, "labels": [index[i] for i in ident],
-            "files": kept, "skipped": skipped}
-    _write_meta(meta_path, meta)
-    log.info("%s %s: decoded %d images of %d identities in %.1f s -> %s",
-             name, split, len(kept), len(identities), time.perf_counter() - t0, npy)
-    return _faceset(np.load(npy, mmap_mode="r") if kept else None, meta, npy, size)
+    return source_split(cfg, cache_dir, split, FolderImages(root, files, size, resize), files, key, str(root), size)
 
 
 def _folder_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
@@ -169,10 +112,10 @@ def _folder_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
     resize = _get(cfg, "resize", "resize")
     if resize not in ("resize", "center_crop"):
         raise DataError(f"data.resize={resize!r} must be 'resize' or 'center_crop'")
-    strict = bool(_get(cfg, "strict", False))
+    cache_mode(cfg)  # a bad value fails before the scan
     root, found = _scan_folder(cfg)
     found = _select(cfg, found, seed)
     parts = split_identities(list(found), _get(cfg, "split"), seed)
     log.info("data.root=%s: %d identities, %d images; split train/val/test = %s identities", root, len(found),
              sum(map(len, found.values())), "/".join(str(len(parts[s])) for s in SPLITS))
-    return {s: _folder_split(cfg, cache_dir, root, s, parts[s], found, size, resize, strict) for s in SPLITS}
+    return {s: _folder_split(cfg, cache_dir, root, s, parts[s], found, size, resize) for s in SPLITS}

@@ -11,6 +11,7 @@ import numpy as np
 
 from cycle.data import render
 from cycle.data.cache import CACHE_VERSION, _cache_paths, _faceset, _load_cached, _workers, _write_meta
+from cycle.data.chunked import cache_mode
 from cycle.data.faceset import FaceSet
 from cycle.data.options import DataError, _get, _int
 from cycle.data.splits import SPLITS, split_identities
@@ -28,6 +29,8 @@ def _synthetic_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or jitter < 0:
         raise DataError(f"data.pose_jitter must be a number >= 0, got {jitter!r}")
     name = str(_get(cfg, "name", "synthetic"))
+    if cache_mode(cfg) == "none":
+        log.warning("data.cache=none: the synthetic faces are rendered into the cache anyway (they are small)")
     names = [f"id{i:05d}" for i in range(n_ids)]
     out = {}
     parts = split_identities(names, _get(cfg, "split"), seed)
