@@ -117,7 +117,7 @@ class StageRun:
         self.device = resolve_device(self.cfg.device)
         self.require_inputs()
         self.build()
-        self.logger = build_logger(self.cfg, self.out_dir, self.label)
+        self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
         try:
             metrics = self.fit()
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

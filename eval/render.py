@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from eval.methods import METHODS
+from eval.metrics import sampling_noise
 
 __all__ = ["COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "render_markdown"]
 
@@ -22,6 +23,7 @@ COLUMNS = (
 COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "initial"),
                ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
 REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim")
+IMAGE_METRICS = ("psnr", "ssim")  # per-image averages: not subject to the pairs' sampling noise
 
 
 def _fmt(value, spec: str) -> str:
@@ -30,8 +32,9 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def regressions(table: dict[str, dict]) -> list[str]:
-    """Plain statements where a later stage is worse than the one it should improve on."""
+def regressions(table: dict[str, dict], noise: float = 0.0) -> list[str]:
+    """Plain statements where a later stage is worse than the one it should improve on; with `noise`
+    (``sampling_noise`` of the pairs), only verification differences larger than it."""
     out = []
     spec = {c[0]: c for c in COLUMNS}
     for later, earlier in COMPARISONS:
@@ -42,7 +45,8 @@ def regressions(table: dict[str, dict]) -> list[str]:
             if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
                 continue
             _, header, fmt, sign = spec[metric]
-            if sign * (a - b) < 0 and format(a, fmt) != format(b, fmt):
+            margin = 0.0 if metric in IMAGE_METRICS else noise
+            if sign * (a - b) < -margin and format(a, fmt) != format(b, fmt):
                 out.append(f"{later} is worse than {earlier} on {header} ({format(a, fmt)} vs {format(b, fmt)})")
     return out
 
@@ -114,7 +118,7 @@ def render_markdown(results: dict) -> str:
         if regs:
             n = (results.get("protocol") or {}).get("num_pairs")
             lines += ["", "Regressions (any difference at the shown precision"
-                      + (f"; with {n} pairs, verification differences below ~{1 / math.sqrt(n):.3f} are within "
+                      + (f"; with {n} pairs, verification differences below ~{sampling_noise(n):.3f} are within "
                          "sampling noise" if n else "") + "):", ""] + [f"- {r}" for r in regs]
         figs = results.get("figures", {}).get(res, [])
         if figs:

@@ -36,6 +36,7 @@ from eval import figures
 from eval.errors import EvaluationError
 from eval.extract import _at_res, _extract, _Extraction, _load, _Models
 from eval.methods import METHODS, PRETRAINED, Method
+from eval.metrics import sampling_noise
 from eval.render import regressions, render_markdown
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
@@ -217,8 +218,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         extra["regressions"][res] = regressions(r["metrics"])
         extra["figures"][res] = r["figures"]
         extra["notes"] += list(dict.fromkeys(r["notes"]))
+        # the report lists every regression; the log warns only about those beyond the sampling noise
+        noise = sampling_noise(proto.info.get("num_pairs") or 1)
+        loud = set(regressions(r["metrics"], noise=noise))
         for line in extra["regressions"][res]:
-            log.warning("res=%s: %s", res, line)
+            if line in loud:
+                log.warning("res=%s: %s", res, line)
+            else:
+                log.info("res=%s: %s (within the sampling noise, %.3f)", res, line, noise)
     results.update(extra)
     results = _jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -370,3 +371,15 @@ def test_cli_evaluates_several_resolutions(tmp_path, edgeface_payloads):
     p = _run_eval("res=16,24", "experiment=smoke", "device=cpu", f"paths.output_dir={tmp_path}/o2",
                   f"paths.artifacts_dir={tmp_path}/none", f"paths.cache_dir={_SESSION_CACHE}")
     assert p.returncode == 1 and "no method could be evaluated" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_regressions_within_the_sampling_noise_are_not_warned(caplog):
+    from eval.metrics import sampling_noise
+
+    table = {"initial": {"psnr": 25.0, "auc": 0.9302}, "cyclic": {"psnr": 24.5, "auc": 0.9300}}
+    assert math.isclose(sampling_noise(6000), 0.0129, abs_tol=1e-4)
+    assert regressions(table) == ["cyclic is worse than initial on AUC (0.9300 vs 0.9302)",
+                                  "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)"]
+    # PSNR is a per-image average, not a pair rate: the noise margin does not apply to it
+    assert regressions(table, noise=sampling_noise(6000)) == ["cyclic is worse than initial on PSNR (dB) "
+                                                              "(24.50 vs 25.00)"]
