@@ -77,6 +77,8 @@ class TrainSchema:
     eval: Any = None
     loss: Any = None
     local: Any = None
+    cluster: Any = None
+    optimized_metric: Any = None
 
 
 def register() -> None:
