@@ -9,7 +9,7 @@ import math
 from eval.methods import METHODS
 from eval.metrics import sampling_noise
 
-__all__ = ["COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "render_markdown"]
+__all__ = ["ACROSS", "COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "render_markdown"]
 
 # Table columns: (metric, header, format, +1 higher is better / -1 lower is better / 0 not ranked).
 COLUMNS = (
@@ -23,6 +23,9 @@ COLUMNS = (
 COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "initial"),
                ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
 REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim")
+# The cross-resolution table and figure (several resolutions in one report): these metrics per method.
+ACROSS = ("psnr", "auc", "tar@far=1e-2", "rank1")
+ACROSS_KEY = "resolutions"  # its entry in results["figures"]
 IMAGE_METRICS = ("psnr", "ssim")  # per-image averages: not subject to the pairs' sampling noise
 
 
@@ -80,6 +83,22 @@ def _protocol_text(results: dict) -> list[str]:
     return lines
 
 
+def _across(results: dict, res_keys: list[str]) -> list[str]:
+    """One table: a row per method, a column per (metric, resolution)."""
+    spec = {c[0]: c for c in COLUMNS}
+    methods = list(dict.fromkeys(m for r in res_keys for m in results[r]))
+    lines = ["", "## Across resolutions", "",
+             "| method | " + " | ".join(f"{spec[m][1]} @{r}" for m in ACROSS for r in res_keys) + " |",
+             "|---|" + "---:|" * (len(ACROSS) * len(res_keys))]
+    for method in methods:
+        cells = [_fmt(results[r].get(method, {}).get(m), spec[m][2]) if m in results[r].get(method, {}) else "-"
+                 for m in ACROSS for r in res_keys]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    figs = (results.get("figures") or {}).get(ACROSS_KEY, [])
+    lines += [""] + [f"![{f}](figures/{f})" for f in figs if f.endswith(".png")]
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """report.md from a results.json dict (so a report can be re-rendered from its results)."""
     res_keys = [k for k in results if k.isdigit()]
@@ -126,6 +145,8 @@ def render_markdown(results: dict) -> str:
             other = [f"[{f}](figures/{f})" for f in figs if not f.endswith(".png")]
             if other:
                 lines += ["", "Also: " + ", ".join(other)]
+    if len([r for r in res_keys if results[r]]) > 1:
+        lines += _across(results, res_keys)
     notes = results.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

@@ -37,7 +37,7 @@ from eval.errors import EvaluationError
 from eval.extract import _at_res, _extract, _Extraction, _load, _Models
 from eval.methods import METHODS, PRETRAINED, Method
 from eval.metrics import sampling_noise
-from eval.render import regressions, render_markdown
+from eval.render import ACROSS, ACROSS_KEY, regressions, render_markdown
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
 
@@ -226,6 +226,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
                 log.warning("res=%s: %s", res, line)
             else:
                 log.info("res=%s: %s (within the sampling noise, %.3f)", res, line, noise)
+    if fig_dir is not None and len(res_list) > 1:  # the same methods across resolutions, one line each
+        try:
+            made = figures.resolution_summary({r: results[r] for r in res_list if results[r]}, ACROSS,
+                                              fig_dir / "resolutions", list(cfg.eval.figure_formats))
+            extra["figures"][ACROSS_KEY] = [p.name for p in made]
+        except Exception as e:  # a plotting failure must not cost the metrics
+            log.exception("cross-resolution figure failed")
+            extra["notes"].append(f"cross-resolution figure failed: {type(e).__name__}: {e}")
     results.update(extra)
     results = _jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -366,7 +366,11 @@ def test_cli_evaluates_several_resolutions(tmp_path, edgeface_payloads):
     assert res["16"]["hr"]["auc"] == pytest.approx(res["24"]["hr"]["auc"])  # HR does not depend on res
     assert res["16"]["bicubic"]["psnr"] < res["24"]["bicubic"]["psnr"]  # more pixels, better bicubic
     figs = {f.name for f in (run_dir.glob("*/figures")).__next__().iterdir()}
-    assert {"res16_roc.png", "res24_samples.png"} <= figs
+    assert {"res16_roc.png", "res24_samples.png", "resolutions.png"} <= figs
+    md = (run_dir.glob("*/report.md")).__next__().read_text()
+    across = md.split("## Across resolutions")[1]
+    assert "| method | PSNR (dB) @16 | PSNR (dB) @24 |" in across and "| bicubic |" in across
+    assert "figures/resolutions.png" in across
 
     p = _run_eval("res=16,24", "experiment=smoke", "device=cpu", f"paths.output_dir={tmp_path}/o2",
                   f"paths.artifacts_dir={tmp_path}/none", f"paths.cache_dir={_SESSION_CACHE}")
