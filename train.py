@@ -22,6 +22,7 @@ from cycle.logger import FINAL_METRICS
 from cycle.pipeline import format_plan, run_stage, step_for
 from cycle.runtime import prepare, seed_everything
 from cycle.stages import PIPELINE
+from edgeface.supervisor import load_edgeface
 
 log = logging.getLogger("train")
 # Our launcher YAMLs deliberately shadow the plugin's schemas of the same name (to set our defaults).
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.dry_run and str(cfg.stage) != PIPELINE:
         print(format_plan(cfg, [step_for(cfg, str(cfg.stage), int(cfg.cycle.index))]))
         return None
+    if cfg.edgeface.get("weights"):  # a wrong file or variant fails now, naming edgeface=<variant>, not later
+        load_edgeface(cfg, str(cfg.edgeface.weights))
     if not cfg.resume:  # start over: the previous results move aside, never overwritten
         move_aside([p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log"
                     and p.name != HISTORY], out_dir / HISTORY)

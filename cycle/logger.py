@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from cycle.config import to_plain
 
 log = logging.getLogger(__name__)
+FINAL_METRICS = "final_metrics.json"  # a run's final metrics (train.py writes it; sweep summaries read it)
 _said: set[tuple[str, str]] = set()
 
 
@@ -148,7 +149,7 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: i
         for k, v in row.items():
             if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 series[k].append((row["step"], float(v)))
-    keys = panel_keys([k for k in series if len(series[k]) > 1], select, max_panels)
+    keys = panel_keys(list(series), select, max_panels)
     if not keys:
         return None
     cols = min(4, len(keys))
@@ -156,7 +157,7 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: i
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         steps, vals = zip(*series[k])
-        ax.plot(steps, vals, lw=1.2)
+        ax.plot(steps, vals, lw=1.2, marker="o" if len(vals) <= 30 else None, markersize=3)  # epochs: points
         ax.set_title(k + ("  (selects the checkpoint)" if k == select else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
