@@ -126,8 +126,8 @@ def test_one_local_file_serves_local_runs_and_slurm_runs(tmp_path):
     """conf/local/default.yaml is picked up without local=<host>; its cluster settings reach the Slurm
     launcher and leave a run with any other launcher composable."""
     (tmp_path / "local").mkdir()
-    (tmp_path / "local" / "default.yaml").write_text("# @package _global_\ncluster:\n  partition: gpu-a100\n"
-                                                      "  account: vlr\n")
+    text = "# @package _global_\ncluster:\n  partition: gpu-a100\n  account: vlr\n"
+    (tmp_path / "local" / "default.yaml").write_text(text)
     where = f"hydra.searchpath=[file://{tmp_path}]"
     plain = compose_train([where, "stage=initial"], return_hydra_config=True)
     assert plain.hydra.runtime.choices.local == "default" and plain.cluster.partition == "gpu-a100"
