@@ -45,6 +45,8 @@ def main(cfg: DictConfig) -> float | None:
         move_aside([p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log"
                     and p.name != HISTORY], out_dir / HISTORY)
     metrics = run_stage(cfg, out_dir)
+    if cfg.dry_run:  # stage=cycle printed its plan: nothing ran, nothing to record
+        return None
     if metrics:
         log.info("final metrics: %s", {k: round(float(v), 4) for k, v in metrics.items()})
     # what `python -m eval.summary <sweep dir>` tabulates for every job of a sweep
