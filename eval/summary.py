@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SUMMARY_MD, SUMMARY_PNG = "summary.md", "summary.png"
 # Shown when no metric is asked for: these (the last part of a key: val/psnr, cyclic/auc), in this order.
 DEFAULT_METRICS = ("psnr", "ssim", "auc", "tar@far=1e-2", "eer")
+# Whose metrics come first: a stage's validation, then the evaluation's methods from the last DSR back.
+SOURCE_ORDER = ("val", "cyclic2", "cyclic", "initial_ft", "initial", "bicubic", "hr")
 LOWER_IS_BETTER = ("eer", "loss")
 MAX_DEFAULT_COLUMNS = 8
 
@@ -78,12 +80,21 @@ def distinguishing(jobs: Sequence[Job]) -> list[str]:
 
 def choose_metrics(jobs: Sequence[Job], metrics: Sequence[str] | None = None,
                    optimized: str | None = None) -> list[str]:
+    """`metrics` if given; else `optimized` and the DEFAULT_METRICS of the most telling source first:
+    `val/...` of a stage, or for stage=cycle the last DSR method (cyclic2, cyclic, then initial, ...)."""
     if metrics:
         return list(metrics)
     have = list(dict.fromkeys(k for j in jobs if j.metrics for k in j.metrics))
+    prefixes = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in have if "/" in k))
+
+    def rank(prefix: str) -> int:
+        last = prefix.rsplit("/", 1)[-1]
+        return SOURCE_ORDER.index(last) if last in SOURCE_ORDER else len(SOURCE_ORDER)
+
     picked = [optimized] if optimized in have else []
-    for tail in DEFAULT_METRICS:
-        picked += [k for k in have if k.rsplit("/", 1)[-1] == tail and k not in picked]
+    for prefix in sorted(prefixes, key=rank):
+        keys = [f"{prefix}/{t}" for t in DEFAULT_METRICS]
+        picked += [k for k in keys if k in have and k not in picked]
     return (picked or have)[:MAX_DEFAULT_COLUMNS]
 
 

@@ -73,3 +73,14 @@ def test_wandb_names_and_groups_carry_the_sweep_point(tmp_path, monkeypatch):
     logger.close()
     assert seen["name"] == "res16/cyclic/stages.cyclic.lr=1e-4" and seen["group"] == "demo/stages.cyclic.lr=1e-4"
     assert logger.select == "val/psnr"
+
+
+def test_default_metrics_of_a_cycle_sweep_start_with_the_last_dsr(tmp_path):
+    from eval.summary import Job, choose_metrics
+
+    keys = [f"{m}/{k}" for m in ("hr", "bicubic", "initial", "initial_ft", "cyclic")
+            for k in ("psnr", "ssim", "auc", "eer", "rank1")]
+    jobs = [Job(tmp_path, {"res": "16"}, {k: 0.5 for k in keys if not k.startswith("hr/p")}, 0.0)]
+    assert choose_metrics(jobs) == ["cyclic/psnr", "cyclic/ssim", "cyclic/auc", "cyclic/eer", "initial_ft/psnr",
+                                    "initial_ft/ssim", "initial_ft/auc", "initial_ft/eer"]
+    assert choose_metrics(jobs, optimized="initial/auc")[:2] == ["initial/auc", "cyclic/psnr"]

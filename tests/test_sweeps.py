@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
 
 # The Slurm launcher asks for one GPU, 8 CPUs and 32 GB per job: shrink it to this 1-node CPU cluster.
-SLURM_TEST_LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+# The partition comes through cluster.partition, as from a per-machine conf/local/default.yaml.
+SLURM_TEST_LAUNCHER = ["hydra/launcher=submitit_slurm", "cluster.partition=debug",
                        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
                        "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=15"]
 
@@ -208,6 +209,9 @@ def test_slurm_sweep_runs_three_jobs_with_three_sets_of_artifacts(tmp_path, cach
             assert Path(manifest["run_dir"]).parent == dirs[res]  # published by this resolution's job
         results = json.loads((dirs[res] / "eval" / "results.json").read_text())
         assert {"bicubic", "initial", "cyclic"} <= set(results[res]), results[res].keys()
+    # the summary, written by the submitting process once the Slurm jobs are done: the cycle's metrics per res
+    rows = [r for r in (sweep / "summary.md").read_text().splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| job | res | ") and "cyclic/auc" in rows[0] and len(rows) == 4
 
 
 def test_slurm_killed_and_preempted_job_resumes_instead_of_restarting(
