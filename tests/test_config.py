@@ -136,6 +136,12 @@ def test_one_local_file_serves_local_runs_and_slurm_runs(tmp_path):
     assert "partition" not in local_sweep.hydra.launcher
     slurm = compose_train([where, "hydra/launcher=submitit_slurm"], return_hydra_config=True)
     assert (slurm.hydra.launcher.partition, slurm.hydra.launcher.account) == ("gpu-a100", "vlr")
+    # a local file that also makes Slurm this machine's launcher for -m; the command line still wins
+    (tmp_path / "local" / "default.yaml").write_text(text.replace(
+        "cluster:", "defaults:\n  - override /hydra/launcher: submitit_slurm\ncluster:"))
+    assert compose_train([where], return_hydra_config=True).hydra.launcher.partition == "gpu-a100"
+    local_sweep = compose_train([where, "hydra/launcher=submitit_local"], return_hydra_config=True)
+    assert local_sweep.hydra.launcher._target_.endswith("LocalLauncher")
     # the shipped example composes too
     ex = compose_train(["local=example", "hydra/launcher=submitit_slurm"], return_hydra_config=True)
     assert ex.hydra.launcher.partition == "gpu" and ex.hydra.launcher.qos is None
