@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,judge]"
+	$(PY) -m pip install --quiet -e ".[dev,judge,sweep]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -78,6 +78,8 @@ class TrainSchema:
     eval: Any = None
     loss: Any = None
     local: Any = None
+    cluster: Any = None
+    optimized_metric: Any = None
 
 
 def register() -> None:

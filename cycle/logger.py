@@ -20,6 +20,16 @@ from omegaconf import DictConfig
 from cycle.config import to_plain
 
 log = logging.getLogger(__name__)
+FINAL_METRICS = "final_metrics.json"  # a run's final metrics (train.py writes it; sweep summaries read it)
+_said: set[tuple[str, str]] = set()
+
+
+def log_once(logger: logging.Logger, level: int, msg: str, *args) -> None:
+    """Log a message the first time this process produces it (same text), at DEBUG afterwards: a
+    protocol recomputed every validation epoch says what it did once, not 34 times."""
+    key = (logger.name, msg % args if args else msg)
+    logger.log(level if key not in _said else logging.DEBUG, msg, *args)
+    _said.add(key)
 
 
 class MetricsLogger:
@@ -32,6 +42,7 @@ class MetricsLogger:
         self._file = self.path.open("a")
         self._wandb = None
         self.run_id: str | None = None
+        self.select: str | None = None  # the metric that selects the checkpoint: always plotted
         if backend == "wandb":
             self._init_wandb(cfg, project, name, group, mode, tags)
         elif backend not in ("none", None):
@@ -87,7 +98,7 @@ class MetricsLogger:
         if not self._file.closed:
             self._file.close()
             try:
-                plot_metrics(self.path, self.run_dir / "curves.png")
+                plot_metrics(self.path, self.run_dir / "curves.png", select=self.select)
             except Exception as e:  # a plot must never lose a finished run
                 log.warning("could not plot curves: %s", e)
         if self._wandb is not None:
@@ -114,8 +125,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: int = 12) -> Path | None:
-    """One panel per logged numeric key (losses, PSNR, verification), against step."""
+def panel_keys(keys, select: str | None = None, max_panels: int = 12) -> list[str]:
+    """The curves worth a panel, most important first: the selection metric, every loss, the other
+    validation metrics, then the rest (epoch, timings) while room is left; the first two groups always."""
+    keys = [k for k in keys if not k.startswith("lr")]
+    losses = [k for k in keys if k.startswith("train/") or k.endswith("loss")]
+    must = list(dict.fromkeys(([select] if select in keys else []) + sorted(losses)))
+    vals = sorted(k for k in keys if k.startswith("val/") and k not in must)
+    rest = sorted(k for k in keys if k not in must and k not in vals)
+    return must + (vals + rest)[:max(0, max_panels - len(must))]
+
+
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: int = 12,
+                 select: str | None = None) -> Path | None:
+    """One panel per logged numeric key (losses, PSNR, verification), against step; `select` (the metric
+    that picks the checkpoint) and the losses always get one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,7 +149,7 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: i
         for k, v in row.items():
             if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 series[k].append((row["step"], float(v)))
-    keys = [k for k in sorted(series) if len(series[k]) > 1 and not k.startswith("lr")][:max_panels]
+    keys = panel_keys(list(series), select, max_panels)
     if not keys:
         return None
     cols = min(4, len(keys))
@@ -133,8 +157,8 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: i
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         steps, vals = zip(*series[k])
-        ax.plot(steps, vals, lw=1.2)
-        ax.set_title(k, fontsize=9)
+        ax.plot(steps, vals, lw=1.2, marker="o" if len(vals) <= 30 else None, markersize=3)  # epochs: points
+        ax.set_title(k + ("  (selects the checkpoint)" if k == select else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -146,8 +170,24 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, max_panels: i
     return Path(png)
 
 
-def build_logger(cfg: DictConfig, run_dir: str | os.PathLike, stage: str) -> MetricsLogger:
+def sweep_point() -> str:
+    """The overrides that distinguish this job from the other points of its sweep (Hydra's
+    `override_dirname`, without res/stage/name and other keys listed in train.yaml); '' outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.get("override_dirname") or "") if HydraConfig.initialized() else ""
+
+
+def build_logger(cfg: DictConfig, run_dir: str | os.PathLike, stage: str, select: str | None = None
+                 ) -> MetricsLogger:
+    """wandb run `res<r>/<stage>[/<overrides>]` in group `<name>[/<overrides>]`: every point of a sweep is
+    told apart by name, and the stages of one point (stage=cycle) share a group."""
     lc = cfg.logger
-    return MetricsLogger(run_dir, cfg, backend=lc.backend, project=lc.get("project", "vlr-cyclic"),
-                         name=f"res{cfg.res}/{stage}", group=lc.get("group") or cfg.name,
-                         mode=lc.get("mode", "offline"), tags=[f"res{cfg.res}", stage])
+    point = sweep_point()
+    group = lc.get("group") or cfg.name
+    logger = MetricsLogger(run_dir, cfg, backend=lc.backend, project=lc.get("project", "vlr-cyclic"),
+                           name="/".join(filter(None, (f"res{cfg.res}/{stage}", point)))[:128],
+                           group="/".join(filter(None, (str(group), point)))[:128],  # wandb's limit
+                           mode=lc.get("mode", "offline"), tags=[f"res{cfg.res}", stage])
+    logger.select = select
+    return logger

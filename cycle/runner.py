@@ -131,7 +131,7 @@ class StageRun:
         # in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
         seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
         self.build()
-        self.logger = build_logger(self.cfg, self.out_dir, self.label)
+        self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
         try:
             metrics = self.fit()
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -69,23 +69,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # ---------------------------------------------------------------- EMA
 class EMA:
-    """Exponential moving average of a module's floating-point state (params and buffers)."""
+    """Exponential moving average of a module's state (params and buffers): timm's `ModelEmaV3`.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) at the n-th update, the schedule this project
+    always used: timm's warm-up 1 - (1 + s / gamma) ** -power with gamma=9, power=1 is that curve at
+    s = n + 1. The checkpoint entry stays {"decay", "num_updates", "shadow": state_dict of tensors}, so it
+    loads with weights_only=True and older checkpoints resume.
+    """
 
     def __init__(self, module: nn.Module, decay: float = 0.999):
+        from timm.utils import ModelEmaV3  # timm is imported lazily (slow), as in edgeface.backbones
+
         self.module = module
         self.decay = float(decay)
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self._ema = ModelEmaV3(module, decay=self.decay, use_warmup=True, warmup_gamma=9.0, warmup_power=1.0)
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return self._ema.module.state_dict()
 
     @torch.no_grad()
     def update(self) -> None:
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))  # warm-up
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - d)
-            else:
-                self.shadow[k].copy_(v)
+        # timm's get_decay(step) uses s = step - 1; s = n + 1 gives (1 + n) / (10 + n)
+        self._ema.update(self.module, step=self.num_updates + 2)
 
     @contextlib.contextmanager
     def applied(self):
@@ -101,9 +109,9 @@ class EMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.decay = float(state["decay"])
+        self.decay = self._ema.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self._ema.module.load_state_dict(state["shadow"])
 
 
 # ---------------------------------------------------------------- schedule
@@ -164,6 +172,20 @@ class PreemptionGuard:
 
 
 # ---------------------------------------------------------------- loop
+def epoch_line(tag: str, row: Mapping[str, float], epochs: int, select: str | None = None) -> str:
+    """One line per epoch for the console and train.log: the epoch, the losses, every validation metric
+    (the selecting one first, starred) and the time, e.g.
+    `initial epoch 3/5: train/loss=0.4121 | *val/psnr=24.31 val/auc=0.8123 ... | 12.4 s`."""
+    def fmt(k):
+        v = row[k]
+        return f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+    train = [fmt(k) for k in row if k == "train/loss"]
+    val = sorted((k for k in row if k.startswith("val/")), key=lambda k: k != select)
+    shown = [("*" if k == select else "") + fmt(k) for k in val]
+    parts = [" ".join(train), " ".join(shown), f"{row.get('time/epoch_s', 0.0):.1f} s"]
+    return f"{tag} epoch {int(row.get('epoch', 0))}/{epochs}: " + " | ".join(p for p in parts if p)
+
+
 @dataclass
 class FitResult:
     best: dict[str, float]
@@ -320,6 +342,7 @@ class Trainer:
                 self.history.append(epoch_row)
                 last = epoch_row
                 self.logger.log(epoch_row, self.step)
+                log.info("%s", epoch_line(self.tag, epoch_row, self.epochs, select))
                 if self.health is not None:
                     for code, msg in self.health.check_epoch(self.history):
                         self.logger.warn(code, msg, self.step)

@@ -12,6 +12,7 @@ argument is rewritten to eval.resolutions=[16,24,32] before Hydra parses the com
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 from cycle.artifacts import MissingArtifact
 from cycle.config import check_res
 from cycle.data import DataError
+from cycle.logger import FINAL_METRICS
 from cycle.runtime import prepare
 from eval.protocols import MissingImagesError
 from eval.report import EvaluationError, evaluate
@@ -75,12 +77,13 @@ def main(cfg: DictConfig) -> None:
     cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        evaluate(cfg, out_dir, resolutions=None)
+        flat = evaluate(cfg, out_dir, resolutions=None)
     except (EvaluationError, DataError, MissingImagesError, MissingArtifact) as e:
         # bad input is a message, not a traceback; the report (if any) was written before
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    (out_dir / FINAL_METRICS).write_text(json.dumps(flat, indent=1))  # for the summary of `-m` sweeps
     print(f"report: {out_dir / 'report.md'}")
 
 

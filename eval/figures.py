@@ -200,3 +200,30 @@ def resolution_summary(table: Mapping[str, Mapping[str, Mapping[str, float]]], m
             ax.grid(True, linewidth=0.4, alpha=0.5)
         ax.legend(frameon=False)
         return _save(fig, stem, formats)
+
+
+def sweep_comparison(labels: Sequence[str], values: Mapping[str, Sequence[float | None]], stem: Path,
+                     x: Sequence[float] | None = None, xlabel: str | None = None,
+                     formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Every job of a sweep on each metric, one panel per metric: a curve against `x` when the jobs differ
+    in one numeric override (log axis when it spans more than a decade), else one bar per job."""
+    metrics = list(values)
+    with _rc():
+        fig = _figure(max(2.6 * len(metrics), 3.4), 2.6 + (0 if x is not None else 0.05 * max(map(len, labels))))
+        for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False).ravel(), metrics):
+            y = np.array([np.nan if v is None else float(v) for v in values[metric]])
+            if x is not None:
+                order = np.argsort(x)
+                xs = np.asarray(x, np.float64)[order]
+                ax.plot(xs, y[order], marker="o", markersize=3, linewidth=1.2, color="#0072B2")
+                if xs.min() > 0 and xs.max() / xs.min() > 10:
+                    ax.set_xscale("log")
+                ax.set_xlabel(xlabel or "")
+            else:
+                pos = np.arange(len(labels))
+                ax.bar(pos, np.nan_to_num(y, nan=0.0), width=0.65, color="#0072B2")
+                ax.set_xticks(pos, list(labels), rotation=45, ha="right", fontsize=6)
+                ax.set_xlabel(xlabel or "job")
+            ax.set_title(metric)
+            ax.grid(True, linewidth=0.4, alpha=0.5)
+        return _save(fig, stem, formats)

@@ -38,6 +38,7 @@ __all__ = [
     "rank_accuracy",
     "pair_scores",
     "pair_scores_indexed",
+    "sampling_noise",
 ]
 
 # BT.601 studio-swing luma (BasicSR `rgb2ycbcr(y_only=True)`), for RGB in [0, 1] -> Y on 0..255.
@@ -307,6 +308,13 @@ def far_key(far: float) -> str:
     mant, exp = f"{far:.0e}".split("e")
     short = f"{mant}e{int(exp)}"
     return f"tar@far={short if float(short) == far else f'{far:g}'}"
+
+
+def sampling_noise(num_pairs: int) -> float:
+    """Rough 1-sigma-scale noise of a verification rate (AUC, TAR, accuracy) measured on `num_pairs`
+    pairs, 1 / sqrt(n) (the binomial std is at most 0.5 / sqrt(n)): differences below it are not
+    evidence of a change. 6,000 pairs -> 0.013."""
+    return 1.0 / math.sqrt(max(1, int(num_pairs)))
 
 
 def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from cycle.logger import log_once
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -141,14 +143,14 @@ def balanced_pairs(labels, num_pairs: int, seed: int) -> tuple[np.ndarray, np.nd
         raise ValueError("no identity has 2 or more images: genuine pairs are impossible")
     if len(eligible) < len(groups):
         single = len(groups) - len(eligible)
-        log.info("balanced_pairs: %d of %d identities have < 2 images; used for impostor pairs only",
-                 single, len(groups))
+        log_once(log, logging.INFO, "balanced_pairs: %d of %d identities have < 2 images; used for impostor "
+                 "pairs only", single, len(groups))
     cap_gen = int((sizes * (sizes - 1) // 2).sum())
     cap_imp = int((lab.size**2 - int((sizes**2).sum())) // 2)
     n = min(per_class, cap_gen, cap_imp)
     if n < per_class:
-        log.warning("balanced_pairs: asked for %d pairs per class but only %d genuine / %d impostor pairs "
-                    "exist; using %d of each", per_class, cap_gen, cap_imp, n)
+        log_once(log, logging.WARNING, "balanced_pairs: asked for %d pairs per class but only %d genuine / %d "
+                 "impostor pairs exist; using %d of each", per_class, cap_gen, cap_imp, n)
     rng = np.random.default_rng(seed)
     ga, gb = _genuine_pairs(eligible, n, rng)
     ia, ib = _impostor_pairs(lab, groups, n, cap_imp, rng)
@@ -160,7 +162,7 @@ def balanced_pairs(labels, num_pairs: int, seed: int) -> tuple[np.ndarray, np.nd
     swap = rng.random(a.size) < 0.5
     a, b = np.where(swap, b, a), np.where(swap, a, b)
     perm = rng.permutation(a.size)
-    log.info("balanced_pairs: %d genuine + %d impostor pairs from %d identities (seed %d)",
+    log_once(log, logging.INFO, "balanced_pairs: %d genuine + %d impostor pairs from %d identities (seed %d)",
              ga.size, ia.size, len(groups), seed)
     return a[perm].astype(np.int64), b[perm].astype(np.int64), same[perm]
 
@@ -245,8 +247,8 @@ def identification_split(labels, seed: int, gallery_per_id: int = 1) -> tuple[np
     if distractors == len(groups):
         raise ValueError(f"no identity has more than {gallery_per_id} image(s): no probes to identify")
     if distractors:
-        log.info("identification_split: %d of %d identities have <= %d image(s): gallery-only distractors",
-                 distractors, len(groups), gallery_per_id)
+        log_once(log, logging.INFO, "identification_split: %d of %d identities have <= %d image(s): "
+                 "gallery-only distractors", distractors, len(groups), gallery_per_id)
     return np.flatnonzero(in_gallery), np.flatnonzero(~in_gallery)
 
 

@@ -10,7 +10,8 @@ import math
 
 from eval.methods import METHODS
 
-__all__ = ["COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "within_noise", "render_markdown"]
+__all__ = ["ACROSS", "COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "within_noise",
+           "render_markdown"]
 
 # Table columns: (metric, header, format, +1 higher is better / -1 lower is better / 0 not ranked).
 COLUMNS = (
@@ -30,6 +31,10 @@ COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "in
                ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
 REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim", "psnr_y", "ssim_y")
 CI = "_ci95"
+# The cross-resolution table and figure (several resolutions in one report): these metrics per method.
+ACROSS = ("psnr", "auc", "tar@far=1e-2", "rank1")
+ACROSS_KEY = "resolutions"  # its entry in results["figures"]
+IMAGE_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")  # per-image averages: not subject to the pairs' sampling noise
 
 
 def _fmt(value, spec: str) -> str:
@@ -58,17 +63,19 @@ def _difference(d: dict, fmt: str = "") -> str:
     return f"difference {d['diff']:+.2g}, 95 % interval [{lo:.2g}, {hi:.2g}]"
 
 
-def regressions(table: dict[str, dict], comparisons: dict | None = None) -> list[str]:
+def regressions(table: dict[str, dict], comparisons: dict | None = None, noise: float = 0.0) -> list[str]:
     """Plain statements where a later stage is worse than the one it should improve on.
 
     With ``comparisons`` (results.json's, per ``"<later> vs <earlier>"``) only where the paired bootstrap
-    difference excludes zero; without (no bootstrap) wherever the shown values differ.
+    difference excludes zero; without (no bootstrap) wherever the shown values differ, or with `noise`
+    (``sampling_noise`` of the pairs) only verification differences larger than it.
     """
     out = []
     for later, earlier, metric, header, a, b, fmt in _worse(table):
         line = f"{later} is worse than {earlier} on {header} ({format(a, fmt)} vs {format(b, fmt)})"
         if comparisons is None:
-            out.append(line)
+            if metric in IMAGE_METRICS or abs(a - b) > noise:
+                out.append(line)
             continue
         d = (comparisons.get(f"{later} vs {earlier}") or {}).get(metric)
         if d is not None and d["verdict"] == "worse":
@@ -133,6 +140,22 @@ def _protocol_text(results: dict) -> list[str]:
     return lines
 
 
+def _across(results: dict, res_keys: list[str]) -> list[str]:
+    """One table: a row per method, a column per (metric, resolution)."""
+    spec = {c[0]: c for c in COLUMNS}
+    methods = list(dict.fromkeys(m for r in res_keys for m in results[r]))
+    lines = ["", "## Across resolutions", "",
+             "| method | " + " | ".join(f"{spec[m][1]} @{r}" for m in ACROSS for r in res_keys) + " |",
+             "|---|" + "---:|" * (len(ACROSS) * len(res_keys))]
+    for method in methods:
+        cells = [_fmt(results[r].get(method, {}).get(m), spec[m][2]) if m in results[r].get(method, {}) else "-"
+                 for m in ACROSS for r in res_keys]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    figs = (results.get("figures") or {}).get(ACROSS_KEY, [])
+    lines += [""] + [f"![{f}](figures/{f})" for f in figs if f.endswith(".png")]
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """report.md from a results.json dict (so a report can be re-rendered from its results)."""
     res_keys = [k for k in results if k.isdigit()]
@@ -193,6 +216,8 @@ def render_markdown(results: dict) -> str:
             if other:
                 lines += ["", "Also: " + ", ".join(other)]
     lines += _bins_section(results)
+    if len([r for r in res_keys if results[r]]) > 1:
+        lines += _across(results, res_keys)
     notes = results.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

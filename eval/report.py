@@ -51,7 +51,9 @@ from eval.extract import QUALITY_KEYS, _at_res, _extract, _Extraction, _load, _M
 from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
 from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
-from eval.render import COLUMNS, COMPARISONS, JUDGE_KEYS, REGRESSION_METRICS, regressions, render_markdown
+from eval.metrics import sampling_noise
+from eval.render import (ACROSS, ACROSS_KEY, COLUMNS, COMPARISONS, JUDGE_KEYS, REGRESSION_METRICS, regressions,
+                         render_markdown)
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
 
@@ -403,8 +405,23 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, resolutions: Sequence | None 
         extra["regressions"][res] = regressions(r["metrics"], r["comparisons"])
         extra["figures"][res] = r["figures"]
         extra["notes"] += list(dict.fromkeys(r["notes"]))
+        # the report lists every regression; the log warns only about those beyond the noise: the paired
+        # bootstrap's verdict, or without intervals (eval.bootstrap=0) the sampling noise of the pairs
+        noise = sampling_noise(proto.info.get("num_pairs") or 1)
+        loud = set(extra["regressions"][res]) if r["comparisons"] else set(regressions(r["metrics"], noise=noise))
         for line in extra["regressions"][res]:
-            log.warning("res=%s: %s", res, line)
+            if line in loud:
+                log.warning("res=%s: %s", res, line)
+            else:
+                log.info("res=%s: %s (within the sampling noise, %.3f)", res, line, noise)
+    if fig_dir is not None and len(res_list) > 1:  # the same methods across resolutions, one line each
+        try:
+            made = figures.resolution_summary({r: results[r] for r in res_list if results[r]}, ACROSS,
+                                              fig_dir / "resolutions", list(cfg.eval.figure_formats))
+            extra["figures"][ACROSS_KEY] = [p.name for p in made]
+        except Exception as e:  # a plotting failure must not cost the metrics
+            log.exception("cross-resolution figure failed")
+            extra["notes"].append(f"cross-resolution figure failed: {type(e).__name__}: {e}")
     if cfg.eval.get("bins"):
         extra["bins"], extra["bins_protocol"] = _evaluate_bins(cfg, res_list, device, extra["notes"], methods, judge)
     results.update(extra)

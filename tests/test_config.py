@@ -118,3 +118,30 @@ def test_unbuilt_stage_is_a_clear_not_implemented(tmp_path, monkeypatch):
     monkeypatch.setitem(STAGE, "initial", dataclasses.replace(STAGE["initial"], fn="dsr.not_there.run"))
     with pytest.raises(NotImplementedError, match="stage 'initial'"):
         run_stage(cfg, tmp_path)
+
+
+@pytest.mark.skipif((ROOT / "conf" / "local" / "default.yaml").exists(),
+                    reason="this checkout has its own conf/local/default.yaml, which takes precedence")
+def test_one_local_file_serves_local_runs_and_slurm_runs(tmp_path):
+    """conf/local/default.yaml is picked up without local=<host>; its cluster settings reach the Slurm
+    launcher and leave a run with any other launcher composable."""
+    (tmp_path / "local").mkdir()
+    text = "# @package _global_\ncluster:\n  partition: gpu-a100\n  account: vlr\n"
+    (tmp_path / "local" / "default.yaml").write_text(text)
+    where = f"hydra.searchpath=[file://{tmp_path}]"
+    plain = compose_train([where, "stage=initial"], return_hydra_config=True)
+    assert plain.hydra.runtime.choices.local == "default" and plain.cluster.partition == "gpu-a100"
+    assert "partition" not in plain.hydra.launcher  # the basic launcher: nothing of Slurm
+    local_sweep = compose_train([where, "hydra/launcher=submitit_local"], return_hydra_config=True)
+    assert "partition" not in local_sweep.hydra.launcher
+    slurm = compose_train([where, "hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    assert (slurm.hydra.launcher.partition, slurm.hydra.launcher.account) == ("gpu-a100", "vlr")
+    # a local file that also makes Slurm this machine's launcher for -m; the command line still wins
+    (tmp_path / "local" / "default.yaml").write_text(text.replace(
+        "cluster:", "defaults:\n  - override /hydra/launcher: submitit_slurm\ncluster:"))
+    assert compose_train([where], return_hydra_config=True).hydra.launcher.partition == "gpu-a100"
+    local_sweep = compose_train([where, "hydra/launcher=submitit_local"], return_hydra_config=True)
+    assert local_sweep.hydra.launcher._target_.endswith("LocalLauncher")
+    # the shipped example composes too
+    ex = compose_train(["local=example", "hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    assert ex.hydra.launcher.partition == "gpu" and ex.hydra.launcher.qos is None

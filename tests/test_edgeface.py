@@ -350,3 +350,20 @@ def test_config_group(name):
     assert set(cfg) == {"variant", "weights"}
     assert cfg.variant == f"edgeface_{name}" and cfg.variant in edgeface.VARIANTS
     assert cfg.weights is None
+
+
+def test_configured_variant_mismatch_names_the_command_line_fix(tmp_path):
+    """The README's `edgeface.weights=.../edgeface_xs_gamma_06.pt` against the default xxs: the hint is the
+    override to type, not the Python API's variant=."""
+    from conftest import compose_train
+
+    from edgeface.supervisor import load_edgeface
+
+    path = tmp_path / "edgeface_xs_gamma_06.pt"
+    torch.save(_shared("edgeface_xs_gamma_06").state_dict(), path)
+    cfg = compose_train([f"edgeface.weights={path}"])
+    with pytest.raises(edgeface.CheckpointMismatch, match=r"command line with edgeface=xs_gamma_06, e\.g\.") as e:
+        load_edgeface(cfg, path)
+    assert "variant=" not in str(e.value)
+    ok = compose_train(["edgeface=xs_gamma_06", f"edgeface.weights={path}"])
+    assert load_edgeface(ok, path).variant == "edgeface_xs_gamma_06"

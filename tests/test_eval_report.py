@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -517,7 +518,11 @@ def test_cli_evaluates_several_resolutions(tmp_path, edgeface_payloads):
     assert res["16"]["hr"]["auc"] == pytest.approx(res["24"]["hr"]["auc"])  # HR does not depend on res
     assert res["16"]["bicubic"]["psnr"] < res["24"]["bicubic"]["psnr"]  # more pixels, better bicubic
     figs = {f.name for f in (run_dir.glob("*/figures")).__next__().iterdir()}
-    assert {"res16_roc.png", "res24_samples.png"} <= figs
+    assert {"res16_roc.png", "res24_samples.png", "resolutions.png"} <= figs
+    md = (run_dir.glob("*/report.md")).__next__().read_text()
+    across = md.split("## Across resolutions")[1]
+    assert "| method | PSNR (dB) @16 | PSNR (dB) @24 |" in across and "| bicubic |" in across
+    assert "figures/resolutions.png" in across
 
     p = _run_eval("res=16,24", "experiment=smoke", "device=cpu", f"paths.output_dir={tmp_path}/o2",
                   f"paths.artifacts_dir={tmp_path}/none", f"paths.cache_dir={_SESSION_CACHE}")
@@ -571,3 +576,15 @@ def test_judge_without_the_extra_fails_at_start_with_the_install_command(smoke, 
     with pytest.raises(EvaluationError, match=r'pip install -e "\.\[judge\]"'):
         evaluate(smoke, tmp_path / "ev", ["16"])
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+def test_regressions_within_the_sampling_noise_are_not_warned(caplog):
+    from eval.metrics import sampling_noise
+
+    table = {"initial": {"psnr": 25.0, "auc": 0.9302}, "cyclic": {"psnr": 24.5, "auc": 0.9300}}
+    assert math.isclose(sampling_noise(6000), 0.0129, abs_tol=1e-4)
+    assert regressions(table) == ["cyclic is worse than initial on AUC (0.9300 vs 0.9302)",
+                                  "cyclic is worse than initial on PSNR (dB) (24.50 vs 25.00)"]
+    # PSNR is a per-image average, not a pair rate: the noise margin does not apply to it
+    assert regressions(table, noise=sampling_noise(6000)) == ["cyclic is worse than initial on PSNR (dB) "
+                                                              "(24.50 vs 25.00)"]

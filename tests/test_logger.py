@@ -35,3 +35,33 @@ def test_wandb_offline_writes_a_run_and_keeps_its_id_on_resume(tmp_path, monkeyp
     lg2.close()
     assert lg2.run_id == first_id
     assert all(first_id in p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_curves_always_show_the_selection_metric_and_the_losses(tmp_path):
+    from cycle.logger import panel_keys
+
+    keys = (["epoch", "time/epoch_s", "lr", "train/loss", "train/pixel", "train/identity", "train/feature_match",
+             "val/loss", "val/psnr", "val/ssim", "val/auc", "val/eer", "val/tar@far=1e-2", "val/genuine_mean",
+             "val/impostor_mean", "val/bicubic_psnr", "val/identity_cos"])
+    shown = panel_keys(keys, select="val/psnr", max_panels=8)
+    assert shown[0] == "val/psnr" and len(shown) == 8
+    assert {"train/loss", "train/pixel", "train/identity", "train/feature_match", "val/loss"} <= set(shown)
+    assert "lr" not in shown
+    with MetricsLogger(tmp_path) as lg:
+        lg.select = "val/psnr"
+        for s in range(1, 4):
+            lg.log({k: float(s) for k in keys}, step=s)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_log_once_says_a_repeated_protocol_line_once(caplog):
+    import numpy as np
+
+    from eval.protocols import balanced_pairs
+
+    labels = np.repeat(np.arange(7), 3)  # a label set no other test uses: its line is new to this process
+    with caplog.at_level("INFO", logger="eval.protocols"):
+        for _ in range(3):
+            balanced_pairs(labels, 20, seed=123)
+    said = [r for r in caplog.records if r.levelname == "INFO" and "balanced_pairs" in r.getMessage()]
+    assert len(said) == 1

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
 
 # The Slurm launcher asks for one GPU, 8 CPUs and 32 GB per job: shrink it to this 1-node CPU cluster.
-SLURM_TEST_LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+# The partition comes through cluster.partition, as from a per-machine conf/local/default.yaml.
+SLURM_TEST_LAUNCHER = ["hydra/launcher=submitit_slurm", "cluster.partition=debug",
                        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
                        "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=15"]
 
@@ -155,6 +156,35 @@ def test_local_sweep_runs_one_job_per_res_without_collisions(tmp_path, cache, ed
         assert "val/psnr" in manifest["metrics"]
     results = _results(sweep)
     assert len(results) == 2 and all(status == "success" for status, _ in results.values()), results
+    # the sweep summary written at the end of the multirun: one row per job, res the distinguishing column
+    rows = [r for r in (sweep / "summary.md").read_text().splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| job | res | val/psnr |") and len(rows) == 3
+    assert (sweep / "summary.png").is_file()
+
+
+# ---------------------------------------------------------------- Optuna
+
+def test_optuna_sweep_of_two_trials_returns_the_metric_and_records_the_best(tmp_path, cache, edgeface_weights):
+    """python train.py -m hparams_search=cyclic_optuna: each trial returns optimized_metric from main()."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra: pip install -e .[sweep]")
+    import yaml
+
+    common = ["experiment=smoke", f"edgeface.weights={edgeface_weights}", *_paths(tmp_path, cache)]
+    _train(["stage=cycle", "cycle.eval=false", *common])  # the inputs of the cyclic stage
+    _train(["-m", "hparams_search=cyclic_optuna", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2", *common], timeout=300)
+
+    sweep = tmp_path / "outputs" / "smoke" / "optuna" / "cyclic_res16"
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = sorted(sweep.glob("res16/cyclic/*/final_metrics.json"))
+    assert len(trials) == 2  # two trials, two run directories named by their sampled values
+    assert all("stages.cyclic.lr=" in p.parent.name and "loss.identity=" in p.parent.name for p in trials)
+    aucs = [json.loads(p.read_text())["val/auc"] for p in trials]
+    assert best["best_value"] == pytest.approx(max(aucs))
+    assert set(best["best_params"]) == {"stages.cyclic.lr", "stages.cyclic.loss.identity"}
+    md = (sweep / "summary.md").read_text()
+    header = [r for r in md.splitlines() if r.startswith("| job")][0]
+    assert "stages.cyclic.lr" in header and header.split("|")[4].strip() == "val/auc"  # optimized metric first
 
 
 # ---------------------------------------------------------------- Slurm
@@ -188,6 +218,9 @@ def test_slurm_sweep_runs_three_jobs_with_three_sets_of_artifacts(tmp_path, cach
             assert Path(manifest["run_dir"]).parent == dirs[res]  # published by this resolution's job
         results = json.loads((dirs[res] / "eval" / "results.json").read_text())
         assert {"bicubic", "initial", "cyclic"} <= set(results[res]), results[res].keys()
+    # the summary, written by the submitting process once the Slurm jobs are done: the cycle's metrics per res
+    rows = [r for r in (sweep / "summary.md").read_text().splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| job | res | ") and "cyclic/auc" in rows[0] and len(rows) == 4
 
 
 def test_slurm_killed_and_preempted_job_resumes_instead_of_restarting(

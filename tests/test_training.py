@@ -191,3 +191,58 @@ def test_health_stage_warnings_fire():
     hist = [{"train/identity": 0.20, "val/auc": 0.80}, {"train/identity": 0.19, "val/auc": 0.82}]
     codes = [c for c, _ in mon.check_stage(hist, reference={"val/auc": 0.85})]
     assert codes == ["identity_plateau", "cyclic_regression"]
+
+
+def test_ema_is_timm_model_ema_with_the_warmup_of_before(tmp_path):
+    """timm's ModelEmaV3 behind the same schedule, min(decay, (1 + n) / (10 + n)), as the hand-written EMA."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    ema = EMA(m, 0.5)
+    assert isinstance(ema._ema, ModelEmaV3)
+    expected = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    for n in range(1, 6):
+        with torch.no_grad():
+            m.weight.add_(float(n))
+        ema.update()
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = {k: d * expected[k] + (1 - d) * v for k, v in m.state_dict().items()}
+        for k, v in ema.shadow.items():
+            assert torch.allclose(v, expected[k], atol=1e-6), (n, k)
+    # resume restores it exactly, from a weights_only checkpoint
+    from cycle.checkpoint import save_checkpoint
+    save_checkpoint({"ema": ema.state_dict()}, tmp_path / "e.pt")
+    state = torch.load(tmp_path / "e.pt", weights_only=True)
+    again = EMA(nn.Linear(3, 2), 0.9)
+    again.load_state_dict(state["ema"])
+    assert again.num_updates == 5 and again.decay == 0.5
+    assert all(torch.equal(again.shadow[k], ema.shadow[k]) for k in ema.shadow)
+
+
+def test_one_console_line_per_epoch_with_the_validation_metrics(tmp_path, caplog):
+    data = make_data()
+    tr, m = make_trainer(tmp_path, epochs=2)
+    with caplog.at_level("INFO", logger="cycle.training"):
+        tr.fit(data, step_fn_for(m), lambda e: {"val/neg": -e, "val/psnr": 20.0 + e}, select="val/psnr")
+    lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[1].startswith("main epoch 2/2: train/loss=")
+    assert "*val/psnr=21" in lines[1] and "val/neg=-1" in lines[1]
+
+
+def test_identity_plateau_is_relative_to_the_starting_loss():
+    # 0.026 -> 0.020 is a 23% gain: the guide's absolute 0.02 cannot apply to a loss that starts this low
+    low = [{"train/identity": 0.026}, {"train/identity": 0.020}]
+    assert HealthMonitor().check_stage(low) == []
+    flat = [{"train/identity": 0.026}, {"train/identity": 0.0258}]
+    assert [c for c, _ in HealthMonitor().check_stage(flat)] == ["identity_plateau"]
+    high = [{"train/identity": 0.40}, {"train/identity": 0.39}]  # 2.5%, below the guide's 0.02
+    assert [c for c, _ in HealthMonitor().check_stage(high)] == ["identity_plateau"]
+
+
+def test_cyclic_regression_ignores_differences_within_the_sampling_noise():
+    hist = [{"val/auc": 0.8498}]
+    assert HealthMonitor().check_stage(hist, reference={"val/auc": 0.85}, noise=0.018) == []
+    assert [c for c, _ in HealthMonitor().check_stage([{"val/auc": 0.80}], reference={"val/auc": 0.85},
+                                                      noise=0.018)] == ["cyclic_regression"]
