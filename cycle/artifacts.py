@@ -7,6 +7,7 @@ silently overwritten.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,14 +22,29 @@ from torch import nn
 
 from cycle.checkpoint import load_checkpoint, save_checkpoint
 from cycle.config import to_plain
+from cycle.errors import UserError, output_error
 from cycle.files import HISTORY, move_aside
 from cycle.stages import STAGE, producer, producer_command
 
 log = logging.getLogger(__name__)
 
 
-class MissingArtifact(FileNotFoundError):
+class MissingArtifact(UserError, FileNotFoundError):
     pass
+
+
+def _clear_write_errors(publish):
+    """A full disk or read-only folder while publishing: one message naming the artifact and the fix."""
+    @functools.wraps(publish)
+    def wrapper(self, name, *args, **kwargs):
+        try:
+            return publish(self, name, *args, **kwargs)
+        except OSError as e:
+            if isinstance(e, UserError):
+                raise
+            raise output_error(self.path(name), e, "artifact", keeps="The run's checkpoints are intact: re-run "
+                               "the same command once fixed to publish it.") from e
+    return wrapper
 
 
 def code_version() -> str:
@@ -67,6 +83,7 @@ class ArtifactStore:
         p = self.path(name).with_suffix(".json")
         return json.loads(p.read_text()) if p.is_file() else {}
 
+    @_clear_write_errors
     def publish(self, name: str, payload: dict[str, Any], *, cfg: DictConfig | dict | None = None,
                 metrics: dict[str, float] | None = None, parents: list[str] | None = None,
                 run_dir: str | os.PathLike | None = None) -> Path:
@@ -85,7 +102,7 @@ class ArtifactStore:
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "config": cfg,
         }
-        save_checkpoint(payload, target)
+        save_checkpoint(payload, target, what="artifact")
         tmp = target.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         os.replace(tmp, target.with_suffix(".json"))

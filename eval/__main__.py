@@ -20,12 +20,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cycle.artifacts import MissingArtifact
 from cycle.config import check_res
-from cycle.data import DataError
+from cycle.errors import UserError, exit_on
 from cycle.runtime import prepare
-from eval.protocols import MissingImagesError
-from eval.report import EvaluationError, evaluate
+from eval.report import evaluate
 
 log = logging.getLogger("eval")
 
@@ -71,15 +69,14 @@ def translate_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
         evaluate(cfg, out_dir, resolutions=None)
-    except (EvaluationError, DataError, MissingImagesError, MissingArtifact) as e:
-        # bad input is a message, not a traceback; the report (if any) was written before
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:
+        # bad input (settings, data, pairs file, artifacts) is one line, not a traceback; the report (if
+        # any) was written before
+        exit_on(e, log)
     print(f"report: {out_dir / 'report.md'}")
 
 
