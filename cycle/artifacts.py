@@ -33,6 +33,9 @@ class MissingArtifact(UserError, FileNotFoundError):
     pass
 
 
+_KEPT = "The run's checkpoints are intact: re-run the same command once fixed to publish it."
+
+
 def _clear_write_errors(publish):
     """A full disk or read-only folder while publishing: one message naming the artifact and the fix."""
     @functools.wraps(publish)
@@ -42,8 +45,7 @@ def _clear_write_errors(publish):
         except OSError as e:
             if isinstance(e, UserError):
                 raise
-            raise output_error(self.path(name), e, "artifact", keeps="The run's checkpoints are intact: re-run "
-                               "the same command once fixed to publish it.") from e
+            raise output_error(self.path(name), e, "artifact", keeps=_KEPT) from e
     return wrapper
 
 
@@ -102,7 +104,7 @@ class ArtifactStore:
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "config": cfg,
         }
-        save_checkpoint(payload, target, what="artifact")
+        save_checkpoint(payload, target, what="artifact", keeps=_KEPT)
         tmp = target.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         os.replace(tmp, target.with_suffix(".json"))

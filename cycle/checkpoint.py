@@ -52,11 +52,13 @@ def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
     return [bad for k, v in items for bad in nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
-def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, what: str = "checkpoint") -> Path:
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, what: str = "checkpoint",
+                    keeps: str | None = None) -> Path:
     """Write `obj` to `path` via a temp file in the same folder and `os.replace`.
 
     A crash mid-write leaves the previous file intact (the replace is atomic on POSIX); so does a full
-    disk or a read-only folder, which raise one `OutputError` naming the path and the fix. A tensor
+    disk or a read-only folder, which raise one `OutputError` naming the path, what is kept (`keeps`,
+    default: the previous file) and the fix. A tensor
     holding NaN/inf is refused (`Diverged`): no checkpoint or artifact is ever non-finite. The file gets
     the permissions of the user's umask (mkstemp alone would make it 0600, unreadable to a group).
     """
@@ -80,7 +82,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, what: str = "c
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
-        keeps = f"The previous {path.name} is intact." if path.is_file() else None
+        if keeps is None and path.is_file():
+            keeps = f"The previous {path.name} is intact."
         raise output_error(path, e, what, keeps=keeps) from e
     except BaseException:
         _unlink(tmp)

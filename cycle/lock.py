@@ -8,6 +8,8 @@ cannot outlive its holder for long: it is stale, and taken over, when
     `STALE_S` (a crashed node on a shared file system, or a reused PID).
 Created with O_EXCL and taken over by an atomic rename, so two starts cannot both win.
 Re-entrant within one process (`train.py` holds the run directory, the stage runner the same one).
+Only rank 0 of a data-parallel job (torchrun's RANK, srun's SLURM_PROCID) takes it: the ranks of one job
+are one writer.
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def slurm_job() -> str | None:
     """This job's identity across requeues (array jobs: `<array job>_<task>`)."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    except ValueError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,6 +81,9 @@ class RunLock:
                 self._outer = held
                 return self
             self._outer = None
+            if _rank() != 0:  # another rank of the job that rank 0 holds the lock for: nothing to take
+                self.depth = 1
+                return self
             self._acquire()
             self.depth = 1
             _held[self.dir] = self
@@ -81,7 +93,7 @@ class RunLock:
         with _guard:
             owner = self._outer or self
             owner.depth -= 1
-            if owner.depth == 0:
+            if owner.depth == 0 and _held.get(owner.dir) is owner:
                 _held.pop(owner.dir, None)
                 owner._release()
         return False
