@@ -10,8 +10,9 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
 
 `run()` does the rest in a fixed order: the range check of the stage's settings (2nd-cycle values merged)
 and the trainer's, `check()`, the run-directory lock (one writer; temp files of interrupted saves are
-removed), device, its input artifacts (a missing one names the command that builds it), `build()`, the
-logger (closed in a `finally`), `fit()`, publishing the artifact with its manifest and parents.
+removed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
+command that builds it), `build()`, the logger (closed in a `finally`), `fit()`, publishing the artifact
+with its manifest and parents.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from cycle.checkpoint import remove_orphaned_temps
 from cycle.config import to_plain
 from cycle.data import stage_loaders
 from cycle.errors import ConfigError
+from cycle.files import ensure_writable
 from cycle.health import HealthMonitor
 from cycle.lock import RunLock
 from cycle.logger import MetricsLogger, build_logger
@@ -131,6 +133,7 @@ class StageRun:
         self.check()
         with RunLock(self.out_dir):
             remove_orphaned_temps(self.out_dir / "checkpoints")
+            ensure_writable(self.store.dir, "artifact folder")  # not found out after training
             self.device = resolve_device(self.cfg.device)
             self.require_inputs()
             self.build()

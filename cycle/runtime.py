@@ -15,7 +15,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, open_dict
 
-from cycle.errors import exit_on, output_error
+from cycle.errors import OutputError, exit_on
+from cycle.files import ensure_writable
 from cycle.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,6 @@ class OutputCheck(Callback):
     @staticmethod
     def _make(path) -> None:
         try:
-            Path(str(path)).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            exit_on(output_error(path, e, "run directory"))  # SystemExit: Hydra turns exceptions into warnings
+            ensure_writable(str(path), "run directory")
+        except OutputError as e:
+            exit_on(e)  # SystemExit: Hydra turns a callback's exceptions into warnings

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import cycle.checkpoint
+import cycle.files
 from cycle.artifacts import ArtifactStore
 from cycle.checkpoint import load_checkpoint, nonfinite_entries, save_checkpoint
 from cycle.data import DataError, FaceSet, build_splits, stage_loaders
@@ -226,6 +227,16 @@ def test_read_only_and_impossible_output_paths_are_one_clear_error(tmp_path, mon
         save_checkpoint({"a": 1}, tmp_path / "ro" / "last.pt")
     with pytest.raises(OutputError, match=r"could not write the artifact .*dsr_initial.pt.*checkpoints are intact"):
         ArtifactStore(tmp_path / "art", 16).publish("dsr_initial", {"w": torch.ones(1)})
+
+
+def test_an_unwritable_artifact_folder_is_refused_before_training(smoke_cfg, tmp_path, monkeypatch):
+    from edgeface.pretrain import run as pretrain
+
+    monkeypatch.setattr(cycle.files.tempfile, "TemporaryFile", _raise(errno.EROFS))
+    cfg = smoke_cfg("stage=edgeface_pretrain")
+    with pytest.raises(OutputError, match=r"could not write the artifact folder .*res16: Read-only file system"):
+        pretrain(cfg, tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []  # no checkpoint, no metrics: refused before any work
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
