@@ -50,6 +50,7 @@ def output_error(path: str | os.PathLike, exc: OSError, what: str = "output", ke
     """One message for a failed write of `path`: which path, why, and what to do."""
     where = Path(getattr(exc, "filename", None) or path)
     why = exc.strerror or str(exc)
+    why = why if where == Path(path) else f"{why} ({where})"
     if exc.errno in _FULL:
         todo = ("free space there, or write elsewhere (paths.output_dir=..., paths.artifacts_dir=..., "
                 "or paths.root=...)")
@@ -61,7 +62,7 @@ def output_error(path: str | os.PathLike, exc: OSError, what: str = "output", ke
     else:
         todo = "check that the folder exists and is writable, or write elsewhere (paths.output_dir=...)"
     kept = f" {keeps}" if keeps else ""
-    err = OutputError(f"could not write the {what} {path}: {why} ({where}).{kept} To fix: {todo}")
+    err = OutputError(f"could not write the {what} {path}: {why}.{kept} To fix: {todo}")
     err.errno = exc.errno  # not (errno, message) args: str(err) stays the message alone
     return err
 

@@ -218,6 +218,37 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_what_to_do(tmp_path, m
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+def test_disk_full_during_training_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    tr, model = tiny_trainer(tmp_path)
+    real_fdopen, writes = os.fdopen, {"n": 0}
+
+    class FullDisk:  # the file system accepts 3 checkpoints, then is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            writes["n"] += 1
+            if writes["n"] > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(cycle.checkpoint.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OutputError, match=r"last.pt: No space left on device. The previous last.pt is intact"):
+        tr.fit(tiny_data(), mse(model), None)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]
+
+
 def test_read_only_and_impossible_output_paths_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("in the way")
     with pytest.raises(OutputError, match=r"could not write the checkpoint .*afile/ckpt/last.pt.*in the way"):
@@ -303,6 +334,24 @@ def test_a_locked_run_directory_refuses_a_stage_before_any_work(smoke_cfg, tmp_p
         sleeper.kill()
         sleeper.wait()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # no metrics, no checkpoints
+
+
+@pytest.mark.slow
+def test_train_py_refuses_a_run_directory_in_use(tmp_path):
+    run_dir = tmp_path / "out" / "smoke" / "res16" / "edgeface_pretrain"  # where this command's run goes
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        _write_lock(run_dir, pid=sleeper.pid)
+        p = subprocess.run([sys.executable, "train.py", "stage=edgeface_pretrain", "experiment=smoke", "device=cpu",
+                            f"paths.output_dir={tmp_path / 'out'}", f"paths.artifacts_dir={tmp_path / 'art'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith(f"error: {run_dir} is in use by PID {sleeper.pid} on {socket.gethostname()}")
+    assert not (run_dir / "metrics.jsonl").exists() and not (tmp_path / "art").exists()
 
 
 def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
