@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +97,14 @@ def _unlink(tmp: str | None) -> None:
         os.unlink(tmp)
 
 
-def remove_orphaned_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temp files interrupted saves left in `folder` (call with the run directory locked)."""
+def remove_orphaned_temps(folder: str | os.PathLike, name: str = "*", older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temp files interrupted saves of `name` left in `folder`: all of them in a run directory
+    (call it with the directory locked); in a shared folder, only those older than `older_than_s`."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    gone = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    cutoff = time.time() - older_than_s
+    gone = [p for p in folder.glob(f".{name}.*{TEMP_SUFFIX}") if p.is_file() and p.stat().st_mtime <= cutoff]
     for p in gone:
         p.unlink(missing_ok=True)
     if gone:

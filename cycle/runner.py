@@ -134,6 +134,8 @@ class StageRun:
         with RunLock(self.out_dir):
             remove_orphaned_temps(self.out_dir / "checkpoints")
             ensure_writable(self.store.dir, "artifact folder")  # not found out after training
+            # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
+            remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
             self.device = resolve_device(self.cfg.device)
             self.require_inputs()
             self.build()

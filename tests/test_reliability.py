@@ -290,8 +290,15 @@ def test_a_stage_start_removes_orphaned_temp_files_and_releases_its_lock(smoke_c
     orphan = run_dir / "checkpoints" / ".last.pt.k3j2h1.tmp"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half a checkpoint")
+    art_dir = Path(smoke_cfg().paths.artifacts_dir) / "res16"
+    old, fresh = art_dir / ".edgeface_pretrained.pt.a1b2c3.tmp", art_dir / ".edgeface_pretrained.pt.d4e5f6.tmp"
+    art_dir.mkdir(parents=True)
+    for p in (old, fresh):
+        p.write_bytes(b"half an artifact")
+    os.utime(old, (time.time() - 7200,) * 2)  # an interrupted publish two hours ago; `fresh` may be live
     pretrain(smoke_cfg("stage=edgeface_pretrain"), run_dir)
     assert not orphan.exists() and (run_dir / "checkpoints" / "last.pt").is_file()
+    assert not old.exists() and fresh.exists()
     assert not (run_dir / LOCK_NAME).exists()
     assert_finite_file(Path(smoke_cfg().paths.artifacts_dir) / "res16" / "edgeface_pretrained.pt")
 
