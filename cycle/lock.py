@@ -109,13 +109,16 @@ class RunLock:
                 return
             holder = self._read()
             why = self._stale(holder)
+            if why is None and "pid" not in holder:  # being written by a process starting right now
+                time.sleep(0.5)
+                continue
             if why is None:
                 raise RunLocked(
                     f"{self.dir} is in use by PID {holder.get('pid')} on {holder.get('host')} (since "
                     f"{holder.get('started')}): the same command is already running there. Wait for it to end "
                     f"or stop it; a crashed holder's lock is taken over automatically (after {STALE_S:.0f} s "
                     f"without heartbeat when it ran on another host), or delete {self.path} if you are sure.")
-            if self._take_over(holder):
+            if self._take_over(holder) and not holder.get("gone"):
                 log.warning("took over the stale lock of %s (PID %s on %s: %s)", self.dir, holder.get("pid"),
                             holder.get("host"), why)
         raise RunLocked(f"could not lock {self.dir}: other processes keep taking {self.path}; "
@@ -135,8 +138,9 @@ class RunLock:
     def _read(self) -> dict:
         try:
             holder = json.loads(self.path.read_text())
+            holder = holder if isinstance(holder, dict) else {}
             holder["age_s"] = time.time() - self.path.stat().st_mtime
-            return holder if isinstance(holder, dict) else {}
+            return holder
         except FileNotFoundError:
             return {"gone": True}
         except (OSError, ValueError):  # half-written by a process that died at once: judge by its age
@@ -150,6 +154,8 @@ class RunLock:
         """Why the lock `holder` describes may be taken over; None while its holder is alive."""
         if holder.get("gone"):
             return "released meanwhile"
+        if "pid" not in holder and holder.get("age_s", 0.0) > 10:
+            return "an unreadable lock file (its process died while writing it)"
         here = holder.get("host") == socket.gethostname()
         if here and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
             return "the process is gone"

@@ -371,6 +371,11 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch):
     os.utime(lock, (time.time() - STALE_S - 10,) * 2)
     with RunLock(tmp_path / "b"):
         pass
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / LOCK_NAME).write_text("")  # its writer died before writing it
+    os.utime(tmp_path / "d" / LOCK_NAME, (time.time() - 60,) * 2)
+    with RunLock(tmp_path / "d"):
+        pass
     _write_lock(tmp_path / "c", host="node-elsewhere", pid=4242)  # other host, alive: refused
     with pytest.raises(RunLocked, match="PID 4242 on node-elsewhere"):
         with RunLock(tmp_path / "c"):
