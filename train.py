@@ -17,7 +17,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cycle.errors import WRITE_ERRNOS, UserError, exit_on, output_error
 from cycle.files import HISTORY, move_aside
+from cycle.lock import RunLock
 from cycle.logger import FINAL_METRICS
 from cycle.pipeline import format_plan, run_stage, step_for
 from cycle.runtime import prepare, seed_everything
@@ -32,6 +34,18 @@ warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_.*vali
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """A user error (bad setting, data, disk, lock, divergence) ends as one line on stderr and exit 1."""
+    try:
+        return train(cfg)
+    except UserError as e:
+        exit_on(e, log)
+    except OSError as e:  # a write this code did not wrap: still one line naming the path
+        if e.errno not in WRITE_ERRNOS or e.filename is None:
+            raise
+        exit_on(output_error(e.filename, e), log)
+
+
+def train(cfg: DictConfig) -> float | None:
     cfg = prepare(cfg)
     seed_everything(int(cfg.seed))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -41,10 +55,11 @@ def main(cfg: DictConfig) -> float | None:
         return None
     if cfg.edgeface.get("weights"):  # a wrong file or variant fails now, naming edgeface=<variant>, not later
         load_edgeface(cfg, str(cfg.edgeface.weights))
-    if not cfg.resume:  # start over: the previous results move aside, never overwritten
-        move_aside([p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log"
-                    and p.name != HISTORY], out_dir / HISTORY)
-    metrics = run_stage(cfg, out_dir)
+    with RunLock(out_dir):  # one writer per run directory: the same command twice refuses at once
+        if not cfg.resume:  # start over: the previous results move aside, never overwritten
+            move_aside([p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log"
+                        and p.name != HISTORY], out_dir / HISTORY)
+        metrics = run_stage(cfg, out_dir)
     if cfg.dry_run:  # stage=cycle printed its plan: nothing ran, nothing to record
         return None
     if metrics:

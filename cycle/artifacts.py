@@ -7,6 +7,7 @@ silently overwritten.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from torch import nn
 
 from cycle.checkpoint import load_checkpoint, save_checkpoint
 from cycle.config import to_plain
+from cycle.errors import UserError, output_error
 from cycle.files import HISTORY, move_aside
 from cycle.lineage import artifact_key, data_identity, file_sha256, stage_material
 from cycle.stages import STAGE, producer, producer_command
@@ -28,8 +30,24 @@ from cycle.stages import STAGE, producer, producer_command
 log = logging.getLogger(__name__)
 
 
-class MissingArtifact(FileNotFoundError):
+class MissingArtifact(UserError, FileNotFoundError):
     pass
+
+
+_KEPT = "The run's checkpoints are intact: re-run the same command once fixed to publish it."
+
+
+def _clear_write_errors(publish):
+    """A full disk or read-only folder while publishing: one message naming the artifact and the fix."""
+    @functools.wraps(publish)
+    def wrapper(self, name, *args, **kwargs):
+        try:
+            return publish(self, name, *args, **kwargs)
+        except OSError as e:
+            if isinstance(e, UserError):
+                raise
+            raise output_error(self.path(name), e, "artifact", keeps=_KEPT) from e
+    return wrapper
 
 
 def code_version() -> str:
@@ -42,7 +60,7 @@ def code_version() -> str:
         return "unknown"
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError, ValueError):
     """A parent artifact whose recorded lineage or content does not match what this run needs."""
 
 
@@ -121,6 +139,7 @@ class ArtifactStore:
                                   f"{producer_command(name, self.res)} (same data/experiment/paths settings)")
         return path
 
+    @_clear_write_errors
     def publish(self, name: str, payload: dict[str, Any], *, cfg: DictConfig | dict | None = None,
                 metrics: dict[str, float] | None = None, parents: list[str] | None = None,
                 run_dir: str | os.PathLike | None = None, identities: dict[str, list] | None = None,
@@ -132,7 +151,7 @@ class ArtifactStore:
         move_aside([target, target.with_suffix(".json")], self.dir / HISTORY, flat=True)
         if isinstance(cfg, DictConfig):
             cfg = to_plain(cfg)
-        save_checkpoint(payload, target)
+        save_checkpoint(payload, target, what="artifact", keeps=_KEPT)
         lineage = stage_material(self.cfg, *_stage_of(name)) if self.cfg is not None else None
         manifest = {
             "name": name,

@@ -21,6 +21,9 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, open_dict
 
 from cycle.artifacts import ArtifactStore
+from cycle.errors import ConfigError
+from cycle.lock import RunLock
+from cycle.settings import check_stage
 from cycle.stages import (
     EVALUATION,
     METHODS,
@@ -118,10 +121,10 @@ def _cycles(cfg: DictConfig) -> int | str:
         return "auto"
     c = int(c)
     if c >= 3 and not cfg.cycle.force_third:
-        raise ValueError(f"cycle.cycles={c}: a third cycle risks mode collapse; set cycle.force_third=true to "
-                         "run it anyway")
+        raise ConfigError(f"cycle.cycles={c}: a third cycle risks mode collapse; set cycle.force_third=true to "
+                          "run it anyway")
     if c < 1:
-        raise ValueError(f"cycle.cycles must be >= 1 or auto, got {c}")
+        raise ConfigError(f"cycle.cycles={c} is not allowed: it must be an integer >= 1 or auto")
     return c
 
 
@@ -162,9 +165,17 @@ def run_step(cfg: DictConfig, step: Step, out_dir: Path, methods: list[str] | No
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     cycles = _cycles(cfg)
     steps = plan(cfg, 1 if cycles == "auto" else cycles)
+    for step in plan(cfg, 2) if cycles == "auto" else steps:  # every stage's settings, before the first runs
+        if step.stage != EVAL_STEP:
+            check_stage(cfg, step.stage, step.cycle_index)
     if cfg.dry_run:
         print(format_plan(cfg, steps if cycles != "auto" else plan(cfg, 2)))
         return {}
+    with RunLock(out_dir):
+        return _run(cfg, out_dir, cycles, steps)
+
+
+def _run(cfg: DictConfig, out_dir: Path, cycles: int | str, steps: list[Step]) -> dict[str, float]:
     log.info("\n%s", format_plan(cfg, steps))
     results: dict[str, dict[str, float]] = {}
     evals = [s for s in steps if s.stage == EVAL_STEP]

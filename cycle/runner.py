@@ -8,9 +8,11 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
     payload()        -> the plain dict of tensors it publishes
     fit()            one `Trainer` over `self.modules` by default; a stage with phases overrides it
 
-`run()` does the rest in a fixed order: device, artifact store, the stage's settings (2nd-cycle values
-merged), its input artifacts (a missing one names the command that builds it), `build()`, the logger
-(closed in a `finally`), `fit()`, publishing the artifact with its manifest and parents.
+`run()` does the rest in a fixed order: the range check of the stage's settings (2nd-cycle values merged)
+and the trainer's, `check()`, the run-directory lock (one writer; temp files of interrupted saves are
+removed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
+command that builds it), `build()`, the logger (closed in a `finally`), `fit()`, publishing the artifact
+with its manifest and parents.
 """
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cycle.artifacts import ArtifactStore, load_model
+from cycle.checkpoint import remove_orphaned_temps
 from cycle.config import to_plain
 from cycle.data import stage_loaders
+from cycle.errors import ConfigError
+from cycle.files import ensure_writable
 from cycle.health import HealthMonitor
 from cycle.lineage import digest
+from cycle.lock import RunLock
 from cycle.logger import MetricsLogger, build_logger
 from cycle.runtime import seed_everything
-from cycle.stages import stage_inputs, stage_settings, stage_spec
+from cycle.settings import check_stage
+from cycle.stages import SECOND_CYCLE_KEY, stage_inputs, stage_settings, stage_spec
 from cycle.training import EMA, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ class StageRun:
         self.spec = stage_spec(name)
         self.cycle_index = int(cfg.cycle.index) if self.spec.repeats else 1
         if self.cycle_index < 1:
-            raise ValueError(f"cycle.index must be >= 1, got {self.cycle_index}")
+            raise ConfigError(f"cycle.index={self.cycle_index} is not allowed: it must be an integer >= 1")
         self.label = self.spec.label(self.cycle_index)
         self.settings = stage_settings(cfg, name, self.cycle_index)
         self.inputs = stage_inputs(cfg, name, self.cycle_index)
@@ -109,7 +116,16 @@ class StageRun:
         return Trainer(tcfg=tcfg, run_dir=self.out_dir, logger=logger or self.logger, device=self.device,
                        modules=modules, optimizer=optimizer, epochs=epochs,
                        steps_per_epoch=len(self.train_loader), tag=tag or self.label, ema=ema,
-                       resume=bool(self.cfg.resume), health=self.health)
+                       resume=bool(self.cfg.resume), health=self.health, hint=self.divergence_hint())
+
+    def divergence_hint(self) -> str:
+        """The knobs a divergence message names, with this stage's keys and values."""
+        second = self.cycle_index > 1 and "lr" in (self.cfg.stages[self.spec.name].get(SECOND_CYCLE_KEY) or {})
+        key = f"stages.{self.spec.name}{'.' + SECOND_CYCLE_KEY if second else ''}"
+        loss = f" or the loss weights under stages.{self.spec.name}.loss" if "loss" in self.settings else ""
+        return (f"Lower {key}.lr (now {float(self.settings.lr):g}){loss}, keep trainer.grad_clip > 0 (now "
+                f"{self.cfg.trainer.grad_clip}), or try trainer.amp=off; then re-run (resumes from the newest "
+                "checkpoint) or add resume=false (starts over).")
 
     def compiled(self, module: nn.Module) -> nn.Module:
         return torch.compile(module) if self.cfg.get("compile") else module
@@ -124,20 +140,26 @@ class StageRun:
 
     # ------------------------------------------------------------------ the fixed order
     def run(self) -> dict[str, float]:
+        check_stage(self.cfg, self.spec.name, self.cycle_index)
         self.check()
-        self.device = resolve_device(self.cfg.device)
-        self.require_inputs()
-        # Each stage draws from its own seed: a stage gives the same weights whether the stages before it ran
-        # in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
-        seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
-        self.build()
-        self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
-        try:
-            metrics = self.fit()
-            metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics, parents=self.parents,
-                               run_dir=self.out_dir, identities=self.identities())
-            self.logger.summary(metrics)
-            return metrics
-        finally:
-            self.logger.close()
+        with RunLock(self.out_dir):
+            remove_orphaned_temps(self.out_dir / "checkpoints")
+            ensure_writable(self.store.dir, "artifact folder")  # not found out after training
+            # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
+            remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
+            self.device = resolve_device(self.cfg.device)
+            self.require_inputs()
+            # Each stage draws from its own seed: a stage gives the same weights whether the stages before it
+            # ran in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
+            seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
+            self.build()
+            self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
+            try:
+                metrics = self.fit()
+                metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics,
+                                   parents=self.parents, run_dir=self.out_dir, identities=self.identities())
+                self.logger.summary(metrics)
+                return metrics
+            finally:
+                self.logger.close()

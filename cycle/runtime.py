@@ -1,4 +1,6 @@
-"""Start-up shared by `train.py` and `python -m eval`: absolute paths, the device check, seeding."""
+"""Start-up shared by `train.py` and `python -m eval`: absolute paths, the device check, seeding, and the
+check that the run directory can be created (`OutputCheck`, a Hydra callback: Hydra creates it before
+any of our code runs)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, open_dict
 
+from cycle.errors import OutputError, exit_on
+from cycle.files import ensure_writable
 from cycle.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -40,3 +45,21 @@ def prepare(cfg: DictConfig) -> DictConfig:
                 cfg.device = f"cuda:{int(job_num) % n_gpu}"
             log.info("job %s pinned to %s", job_num, cfg.device)
     return cfg
+
+
+class OutputCheck(Callback):
+    """Create the run (or sweep) directory before Hydra does, so that a read-only, full or impossible
+    output path ends in one line naming the path and the fix instead of Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._make(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._make(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _make(path) -> None:
+        try:
+            ensure_writable(str(path), "run directory")
+        except OutputError as e:
+            exit_on(e)  # SystemExit: Hydra turns a callback's exceptions into warnings

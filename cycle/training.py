@@ -23,12 +23,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cycle.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cycle.errors import ConfigError, Diverged
 
 log = logging.getLogger(__name__)
 
+DIVERGENCE_HINT = ("Lower the learning rate or the loss weights, keep trainer.grad_clip > 0, or try trainer.amp=off; "
+                   "then re-run (resumes) or add resume=false (starts over).")
+RESUME_HINT = ("Re-run with resume=false to start this stage over (the run directory's contents move to "
+               "history/, nothing is deleted).")
 
-class NonFiniteLoss(RuntimeError):
-    pass
+
+class NonFiniteLoss(Diverged):
+    """A non-finite loss, gradient norm or weight: the step is not applied and nothing is saved."""
 
 
 # ---------------------------------------------------------------- device / AMP
@@ -39,10 +45,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
         log.info("device=auto resolved to %s", dev)
         return dev
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={spec} was requested but CUDA is not available on this machine "
-                           f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). "
-                           "Use device=cpu or device=auto, or install a CUDA build of torch.")
-    return torch.device(spec)
+        raise ConfigError(f"device={spec} was requested but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). "
+                          "Use device=cpu or device=auto, or install a CUDA build of torch.")
+    try:
+        return torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
@@ -200,7 +209,8 @@ class Trainer:
     def __init__(self, *, tcfg: Mapping, run_dir: str | Path, logger, device: torch.device,
                  modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, epochs: int,
                  steps_per_epoch: int, tag: str = "main", ema: EMA | None = None,
-                 warmup_steps: int | None = None, resume: bool = True, health=None):
+                 warmup_steps: int | None = None, resume: bool = True, health=None,
+                 hint: str = DIVERGENCE_HINT):
         self.t = tcfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -223,6 +233,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.grad_clip = float(tcfg.get("grad_clip", 0) or 0)
         self.health = health
+        self.hint = hint  # the knobs a divergence message names
+        self.saved: tuple[Path, int] | None = None  # newest last.pt written (or resumed from) and its step
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -243,13 +255,15 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
-        return save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+        path = save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+        self.saved = (path, self.step)
+        return path
 
     def _try_resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
+        if not path.is_file() or self.done_marker().is_file():  # a finished phase restores from its marker
             return
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location=self.device, hint=RESUME_HINT)
         if state.get("tag") != self.tag:
             return  # belongs to another phase of this stage
         for k, m in self.modules.items():
@@ -263,6 +277,7 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.history, self.best = list(state["history"]), dict(state["best"])
         self.resumed = True
+        self.saved = (path, self.step)
         log.info("resumed %s from %s at step %d (epoch %d)", self.tag, path, self.step, self.epoch)
 
     def done_marker(self) -> Path:
@@ -276,7 +291,7 @@ class Trainer:
         `checkpoints/<tag>.best.pt` (EMA weights when EMA is on)."""
         done = self.done_marker()
         if done.is_file():  # this phase finished earlier: restore its final weights
-            state = load_checkpoint(done, map_location=self.device)
+            state = load_checkpoint(done, map_location=self.device, hint=RESUME_HINT)
             for k, m in self.modules.items():
                 m.load_state_dict(state["modules"][k])
             log.info("%s already finished (%s): skipping", self.tag, done)
@@ -372,17 +387,18 @@ class Trainer:
                 loss, terms = step_fn(batch)
             if not torch.isfinite(loss.detach()).all():
                 bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["loss"]
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {self.step} (terms: {', '.join(bad)}); training stopped. "
-                    f"The last good checkpoint is {self.ckpt_dir / 'last.pt'} (resume re-runs from it). "
-                    "Try a lower learning rate, trainer.amp=off, or a smaller weight for that term.")
+                raise self._diverged(f"non-finite loss (terms: {', '.join(bad)})")
             self.scaler.scale(loss / self.accum).backward()
             if last_micro:
-                if self.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                self.scaler.unscale_(self.optimizer)
+                # the norm before clipping; clipping an infinite gradient would turn it into NaN weights
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+                if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16: the scaler skips the step
+                    raise self._diverged(f"non-finite gradient norm ({float(norm)}) with a finite loss")
                 self.scaler.step(self.optimizer)
+                if not _all_finite(params):
+                    raise self._diverged("non-finite weights after the update (the step overflowed)")
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
@@ -396,6 +412,15 @@ class Trainer:
         out.update({k: float(v) for k, v in terms.items() if k != "loss"})
         return out
 
+    def _diverged(self, what: str) -> NonFiniteLoss:
+        if self.saved:
+            where = (f"The newest checkpoint, written before it, is {self.saved[0]} (step {self.saved[1]}); "
+                     "a re-run resumes from it.")
+        else:
+            where = "No checkpoint was written before it."
+        return NonFiniteLoss(f"training diverged at step {self.step + 1} of {self.tag}: {what}. The update was not "
+                             f"saved: no checkpoint or artifact holds non-finite values. {where} {self.hint}")
+
     def _ema_applied(self):
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
@@ -407,7 +432,12 @@ class Trainer:
 
     def load_best(self) -> dict[str, float]:
         """Load the selected weights into the modules (what the stage publishes)."""
-        state = load_checkpoint(self.ckpt_dir / f"{self.tag}.best.pt", map_location=self.device)
+        state = load_checkpoint(self.ckpt_dir / f"{self.tag}.best.pt", map_location=self.device, hint=RESUME_HINT)
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
         return self.best
+
+
+@torch.no_grad()
+def _all_finite(params) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True

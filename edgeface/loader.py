@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from cycle.checkpoint import save_checkpoint
+from cycle.errors import UserError
 from edgeface.backbones import VARIANTS, EdgeFace, _arch, dequantize, empty, quantize
 
 FORMAT = "edgeface"
@@ -40,7 +41,7 @@ _PACKED = "_packed_params._packed_params"
 _SHOW = 8  # keys listed per category in a mismatch report
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint that does not fit the requested EdgeFace architecture.
 
     Attributes: missing, unexpected (key lists), mismatched ([(key, ckpt_shape, model_shape)]),

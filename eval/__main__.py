@@ -22,13 +22,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cycle.artifacts import MissingArtifact
 from cycle.config import check_res
-from cycle.data import DataError
+from cycle.errors import UserError, exit_on
 from cycle.logger import FINAL_METRICS
 from cycle.runtime import prepare
-from eval.protocols import MissingImagesError
-from eval.report import EvaluationError, evaluate
+from eval.report import evaluate
 
 log = logging.getLogger("eval")
 
@@ -74,15 +72,14 @@ def translate_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        cfg = prepare(cfg)  # absolute paths, device check: the same start-up as train.py
         flat = evaluate(cfg, out_dir, resolutions=None)
-    except (EvaluationError, DataError, MissingImagesError, MissingArtifact) as e:
-        # bad input is a message, not a traceback; the report (if any) was written before
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:
+        # bad input (settings, data, pairs file, artifacts, lineage) is one line, not a traceback; the report
+        # (if any) was written before
+        exit_on(e, log)
     (out_dir / FINAL_METRICS).write_text(json.dumps(flat, indent=1))  # for the summary of `-m` sweeps
     print(f"report: {out_dir / 'report.md'}")
 

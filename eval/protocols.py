@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from cycle.errors import UserError
 from cycle.logger import log_once
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ __all__ = [
     "LFWPair",
     "LFWPairs",
     "MissingImagesError",
+    "PairsFileError",
     "read_lfw_pairs",
     "lfw_image_path",
     "load_lfw_pairs",
@@ -266,7 +268,11 @@ class LFWPair(NamedTuple):
     fold: int  # 0-based
 
 
-class MissingImagesError(FileNotFoundError):
+class PairsFileError(UserError, ValueError):
+    """A pairs file that cannot be used (missing, empty, binary, malformed); the message gives file:line."""
+
+
+class MissingImagesError(UserError, FileNotFoundError):
     """Images referenced by a pairs file are absent; ``missing`` lists them, ``num_pairs`` the pairs hit."""
 
     def __init__(self, message: str, missing: list[str], num_pairs: int):
@@ -275,22 +281,44 @@ class MissingImagesError(FileNotFoundError):
         self.num_pairs = num_pairs
 
 
+def _read_pairs_text(path: Path) -> str:
+    """The text of a pairs file; every way it can be unusable is a `PairsFileError` naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PairsFileError(f"{path}: pairs file not found (eval.pairs_file names an LFW-format pairs.txt)") from None
+    except IsADirectoryError:
+        raise PairsFileError(f"{path}: is a folder; eval.pairs_file must name the pairs.txt file inside it") from None
+    except OSError as e:
+        raise PairsFileError(f"{path}: cannot read the pairs file ({e.strerror or e})") from None
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise PairsFileError(f"{path}:{line}: binary data (a NUL byte), not a text pairs file: eval.pairs_file "
+                             "must name an LFW-format pairs.txt")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PairsFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); eval.pairs_file must "
+                             "name an LFW-format pairs.txt") from None
+
+
 def _parse_lfw_pairs(path) -> tuple[list[LFWPair], list[int]]:
     path = Path(path)
     entries = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
+    for no, line in enumerate(_read_pairs_text(path).splitlines(), 1):
         tok = line.split()
         if tok and not tok[0].startswith("#"):
             entries.append((no, tok))
     if not entries:
-        raise ValueError(f"{path}: no pairs (empty file)")
+        raise PairsFileError(f"{path}:1: no pairs (the file is empty or holds only comments/blank lines)")
 
     header = None
     no, tok = entries[0]
     if all(t.isdigit() for t in tok):
         if len(tok) not in (1, 2) or int(tok[-1]) < 1:
-            raise ValueError(f"{path}:{no}: header must be '<folds> <pairs per class>' (e.g. '10 300') "
-                             f"or '<pairs per class>', got {' '.join(tok)!r}")
+            raise PairsFileError(f"{path}:{no}: header must be '<folds> <pairs per class>' (e.g. '10 300') "
+                                 f"or '<pairs per class>', got {' '.join(tok)!r}")
         header = (int(tok[0]), int(tok[1])) if len(tok) == 2 else (1, int(tok[0]))
         entries = entries[1:]
     else:
@@ -306,13 +334,13 @@ def _parse_lfw_pairs(path) -> tuple[list[LFWPair], list[int]]:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(
+            raise PairsFileError(
                 f"{path}:{no}: expected 'name i j' or 'name1 i name2 j', got {' '.join(tok)!r}"
             ) from None
         if row[1] < 1 or row[3] < 1:
-            raise ValueError(f"{path}:{no}: image numbers start at 1, got {' '.join(tok)!r}")
+            raise PairsFileError(f"{path}:{no}: image numbers start at 1, got {' '.join(tok)!r}")
         if not row[4] and row[0] == row[2]:
-            raise ValueError(
+            raise PairsFileError(
                 f"{path}:{no}: a different-person line names the same person twice: {' '.join(tok)!r}"
             )
         if row[4] and row[1] == row[3]:
@@ -320,7 +348,7 @@ def _parse_lfw_pairs(path) -> tuple[list[LFWPair], list[int]]:
         rows.append(row)
         lines.append(no)
     if not rows:
-        raise ValueError(f"{path}: header but no pairs")
+        raise PairsFileError(f"{path}:{no}: a header but no pair lines after it")
 
     same = np.array([r[4] for r in rows])
     if header and len(rows) == 2 * header[0] * header[1]:
@@ -333,7 +361,7 @@ def _parse_lfw_pairs(path) -> tuple[list[LFWPair], list[int]]:
         found = int(fold[-1]) + 1
         starts = [lines[k] for k in np.r_[0, np.flatnonzero(np.diff(fold)) + 1]]
         if header and found != header[0]:
-            raise ValueError(
+            raise PairsFileError(
                 f"{path}: header announces {header[0]} folds of {header[1]} + {header[1]} pairs "
                 f"({2 * header[0] * header[1]} lines) but the file has {len(rows)} pair lines in {found} "
                 f"same/different block(s) starting at lines {starts[:12]}"

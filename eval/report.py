@@ -52,8 +52,16 @@ from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
 from eval.leakage import method_lineage, overlap
 from eval.methods import METHODS, PRETRAINED, Method
 from eval.metrics import sampling_noise
-from eval.render import (ACROSS, ACROSS_KEY, COLUMNS, COMPARISONS, JUDGE_KEYS, REGRESSION_METRICS, regressions,
-                         render_markdown)
+from eval.render import (
+    ACROSS,
+    ACROSS_KEY,
+    COLUMNS,
+    COMPARISONS,
+    JUDGE_KEYS,
+    REGRESSION_METRICS,
+    regressions,
+    render_markdown,
+)
 from eval.scoring import score_method
 from eval.testset import Protocol, build_protocol, lfw_faces
 

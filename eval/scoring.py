@@ -13,8 +13,15 @@ import numpy as np
 
 from eval.bootstrap import CI_SUFFIX, interval, weights_for
 from eval.errors import EvaluationError
-from eval.metrics import (far_key, identification_ranks, kfold_accuracy, pair_scores_indexed, rank_accuracy, roc,
-                          verification_metrics)
+from eval.metrics import (
+    far_key,
+    identification_ranks,
+    kfold_accuracy,
+    pair_scores_indexed,
+    rank_accuracy,
+    roc,
+    verification_metrics,
+)
 
 __all__ = ["score_method", "interval_keys"]
 

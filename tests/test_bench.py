@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 if str(ROOT) not in sys.path:  # bench/ is not an installed package

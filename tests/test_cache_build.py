@@ -15,8 +15,7 @@ from conftest import ROOT
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cycle.data import DataError, build_splits
-from cycle.data import chunked
+from cycle.data import DataError, build_splits, chunked
 from cycle.data.folder import FolderImages
 
 N = 480

@@ -3,11 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, compose_train
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import ROOT, compose_train
 
 STAGES = ["cycle", "initial", "edgeface_ft", "cyclic", "edgeface_pretrain"]
 CYCLIC = {"16": (55, 9e-5, 0.68, 0.22), "24": (50, 8.5e-5, 0.65, 0.20), "32": (50, 8e-5, 0.65, 0.20)}

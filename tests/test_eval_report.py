@@ -23,10 +23,9 @@ from cycle.artifacts import ArtifactStore
 from cycle.config import to_plain
 from cycle.data import build_splits, load_image, make_loader
 from cycle.degrade import upsample
-from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
-from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs
 from eval.bootstrap import identity_resamples, paired_difference
-from eval.protocols import identification_split
+from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
+from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs, identification_split
 from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
 
 FIGURES = ("roc", "cmc", "scores", "quality", "samples")

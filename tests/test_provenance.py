@@ -13,6 +13,7 @@ import torch
 from conftest import _SESSION_CACHE, compose_train
 from omegaconf import open_dict
 from PIL import Image
+from test_eval_report import make_edgeface_payloads, publish
 
 from cycle.artifacts import ArtifactStore, ProvenanceError
 from cycle.checkpoint import load_checkpoint
@@ -20,7 +21,6 @@ from cycle.data import build_splits
 from cycle.lineage import artifact_keys, data_fingerprint, forget, run_tag
 from cycle.pipeline import _second_cycle_pays, evaluated_methods, run
 from eval.report import EvaluationError, evaluate
-from test_eval_report import make_edgeface_payloads, publish
 
 
 def _faces(root, people=3, per=2, seed=0):

@@ -12,8 +12,15 @@ from omegaconf import open_dict
 from PIL import Image
 
 from cycle.data import DataError, build_splits, load_image, make_loader
-from cycle.data.recordio import (MAGIC, RecordFile, pack_image, read_index, unpack_header, write_insightface_rec,
-                                 write_rec)
+from cycle.data.recordio import (
+    MAGIC,
+    RecordFile,
+    pack_image,
+    read_index,
+    unpack_header,
+    write_insightface_rec,
+    write_rec,
+)
 
 ORL = ROOT / "data" / "orl_faces"
 

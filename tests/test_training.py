@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cycle.checkpoint import load_checkpoint
+from cycle.errors import ConfigError
 from cycle.health import HealthMonitor
 from cycle.training import EMA, NonFiniteLoss, Trainer, resolve_device, warmup_cosine
 
@@ -161,7 +162,7 @@ def test_ema_applied_is_temporary():
 def test_cuda_requested_without_cuda_is_clear():
     if torch.cuda.is_available():
         pytest.skip("machine has CUDA")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
 

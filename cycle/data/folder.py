@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
+def _kind(entry: os.DirEntry, rel: str, broken: list[str]) -> str | None:
+    """"dir", "file" or None. A symlink loop, dangling link or unreadable entry is noted in `broken`
+    (and skipped by the caller) instead of ending the scan with an OSError."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink():  # is_dir/is_file follow links and say False for a dangling one
+            broken.append(f"{rel} (dangling link to {os.readlink(entry.path)})")
+    except OSError as e:  # ELOOP: a link that points (through others) back at itself
+        broken.append(f"{rel} ({e.strerror or e})")
+    return None
+
+
 def _scan_folder(cfg: Mapping) -> tuple[Path, dict[str, list[str]]]:
     """root/<identity>/<image> -> {identity: sorted image file names}; clear errors for bad layouts."""
     value = _get(cfg, "root", None)
@@ -32,23 +47,35 @@ def _scan_folder(cfg: Mapping) -> tuple[Path, dict[str, list[str]]]:
         raise DataError(f"data.root={root} is not a directory (expected one sub-folder per identity)")
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
                  for e in (_plain(_get(cfg, "extensions", None)) or IMAGE_EXTENSIONS))
+    broken: list[str] = []
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
-    dirs = [e for e in entries if e.is_dir()]
+    kinds = {e.name: _kind(e, e.name, broken) for e in entries}
+    dirs = [e for e in entries if kinds[e.name] == "dir"]
     if not dirs:
-        loose = sum(1 for e in entries if e.is_file() and e.name.lower().endswith(exts))
+        loose = sum(1 for e in entries if kinds[e.name] == "file" and e.name.lower().endswith(exts))
         if loose:
             raise DataError(f"data.root={root} holds {loose} images but no identity sub-folders: "
                             f"expected root/<identity>/<image>")
         raise DataError(f"data.root={root} is empty: expected one sub-folder per identity")
     found, ignored, empty = {}, [], []
     for d in dirs:
-        files = sorted(f.name for f in os.scandir(d.path) if f.is_file() and not f.name.startswith("."))
+        try:
+            listing = list(os.scandir(d.path))
+        except OSError as e:
+            broken.append(f"{d.name}/ ({e.strerror or e})")
+            continue
+        files = sorted(f.name for f in listing
+                       if not f.name.startswith(".") and _kind(f, f"{d.name}/{f.name}", broken) == "file")
         images = [f for f in files if f.lower().endswith(exts)]
         ignored += [f"{d.name}/{f}" for f in files if not f.lower().endswith(exts)]
         if images:
             found[d.name] = images
         else:
             empty.append(d.name)
+    if broken:
+        log.warning("data.root=%s: skipped %d broken entr%s (symlink loops, dangling links, unreadable): %s",
+                    root, len(broken), "y" if len(broken) == 1 else "ies",
+                    "; ".join(broken[:5]) + (" ..." if len(broken) > 5 else ""))
     if ignored:
         log.info("data.root=%s: ignored %d non-image file(s), e.g. %s",
                  root, len(ignored), ", ".join(ignored[:3]))
@@ -118,4 +145,11 @@ def _folder_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
     parts = split_identities(list(found), _get(cfg, "split"), seed)
     log.info("data.root=%s: %d identities, %d images; split train/val/test = %s identities", root, len(found),
              sum(map(len, found.values())), "/".join(str(len(parts[s])) for s in SPLITS))
-    return {s: _folder_split(cfg, cache_dir, root, s, parts[s], found, size, resize) for s in SPLITS}
+    out = {s: _folder_split(cfg, cache_dir, root, s, parts[s], found, size, resize) for s in SPLITS}
+    for s in SPLITS:
+        if parts[s] and not len(out[s]):  # not "split empty": its images exist but none decodes
+            n = sum(len(found[m]) for m in parts[s])
+            raise DataError(f"none of the {n} image file(s) of the {s} split under {root} could be decoded (the "
+                            "warning above lists them with the reasons): they are corrupt or not images; "
+                            "replace or remove them")
+    return out

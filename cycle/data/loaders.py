@@ -15,6 +15,7 @@ from cycle.data.faceset import FaceSet
 from cycle.data.options import DataError, _plain
 from cycle.data.samplers import EpochSampler, PKBatchSampler, _key_seed, set_epoch
 from cycle.data.sources import build_splits
+from cycle.data.splits import require_pairs
 from cycle.degrade import check_res, degrade
 
 
@@ -114,6 +115,10 @@ def stage_loaders(cfg: Mapping, res: int | None) -> tuple[dict[str, FaceSet], Da
     """
     t = cfg.trainer
     splits = build_splits(cfg.data, cfg.paths.cache_dir)
+    require_pairs(splits, "val", "validation (verification on held-out identities)")
+    if splits["train"].num_classes < 2:
+        raise DataError(f"the train split has {splits['train'].num_classes} identity: identity losses and margin "
+                        "heads need >= 2; lower data.split.val/test or add identities")
     pk = tuple(t.pk) if t.get("pk") else None
     common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
                   num_workers=int(t.num_workers), seed=int(cfg.seed))

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from cycle.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data input or data configuration; the message says what to fix."""
 
 

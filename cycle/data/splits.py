@@ -52,6 +52,26 @@ def _select(cfg: Mapping, found: dict[str, list[str]], seed: int) -> dict[str, l
     return keep
 
 
+def require_pairs(splits: Mapping[str, FaceSet], split: str, purpose: str) -> None:
+    """Refuse, with the fix, a split on which pair protocols are impossible: fewer than 2 identities, or no
+    identity with 2 images (no genuine pair). Checked before training, not found after an epoch."""
+    faces = splits[split]
+    if faces.num_classes >= 2 and (faces.class_counts() >= 2).any():
+        return
+    if faces.num_classes < 2:
+        problem = f"the {split} split has {faces.num_classes} identit{'y' if faces.num_classes == 1 else 'ies'}"
+        fix = f"raise data.split.{split} (a count >= 2 or a larger fraction) or add identities"
+    elif any((f.class_counts() >= 2).any() for f in splits.values()):
+        problem = f"every one of the {faces.num_classes} identities of the {split} split has a single image"
+        fix = ("set data.min_images=2 to leave single-image identities out, or raise data.split."
+               f"{split} so that it draws identities with several images")
+    else:
+        problem = f"every identity of this data set has a single image ({faces.num_classes} in the {split} split)"
+        fix = "use a data set with at least 2 images of (some of) its identities"
+    raise DataError(f"{problem}: {purpose} needs genuine pairs (two images of one identity) among >= 2 "
+                    f"identities; {fix}")
+
+
 def pairable_identities(faces: FaceSet, min_images: int = 2) -> np.ndarray:
     """Class indices with at least `min_images` images: the ones genuine pairs can be drawn from."""
     counts = faces.class_counts()
