@@ -220,7 +220,7 @@ def test_nothing_to_evaluate_writes_report_then_errors_and_never_overwrites(smok
         with pytest.raises(EvaluationError, match="no method could be evaluated"):
             evaluate(smoke, out, ["16"])
     res = json.loads((out / "results.json").read_text())
-    assert res["16"] == {} and len(res["skipped"]["16"]) == 6
+    assert res["16"] == {} and len(res["skipped"]["16"]) == 5  # cycle.cycles=1: no cyclic2 method
     assert "stage=edgeface_pretrain" in res["skipped"]["16"]["hr"]
     assert "No method could be evaluated" in (out / "report.md").read_text()
     assert len(list((out / "history").glob("*/results.json"))) == 1  # the first run, moved aside
