@@ -120,7 +120,7 @@ def test_evaluate_bins_every_method_per_set(tmp_path):
 
     # the hr row by hand: images 2i vs 2i+1, EdgeFace, 10 folds of consecutive pairs
     hr = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))) for b in images])
-    ef = edgeface.load(ArtifactStore(cfg.paths.artifacts_dir, 16).path("edgeface_pretrained"))
+    ef = edgeface.load(ArtifactStore.for_config(cfg).path("edgeface_pretrained"))
     with torch.no_grad():
         emb = ef(hr.permute(0, 3, 1, 2).float() / 255).numpy()
     scores = pair_scores_indexed(emb, np.arange(0, 40, 2), np.arange(1, 40, 2))

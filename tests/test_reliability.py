@@ -290,8 +290,9 @@ def test_a_stage_start_removes_orphaned_temp_files_and_releases_its_lock(smoke_c
     orphan = run_dir / "checkpoints" / ".last.pt.k3j2h1.tmp"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half a checkpoint")
-    art_dir = Path(smoke_cfg().paths.artifacts_dir) / "res16"
-    old, fresh = art_dir / ".edgeface_pretrained.pt.a1b2c3.tmp", art_dir / ".edgeface_pretrained.pt.d4e5f6.tmp"
+    art_path = ArtifactStore.for_config(smoke_cfg()).path("edgeface_pretrained")  # <name>-<lineage key>.pt
+    art_dir = art_path.parent
+    old, fresh = art_dir / f".{art_path.name}.a1b2c3.tmp", art_dir / f".{art_path.name}.d4e5f6.tmp"
     art_dir.mkdir(parents=True)
     for p in (old, fresh):
         p.write_bytes(b"half an artifact")
@@ -300,7 +301,7 @@ def test_a_stage_start_removes_orphaned_temp_files_and_releases_its_lock(smoke_c
     assert not orphan.exists() and (run_dir / "checkpoints" / "last.pt").is_file()
     assert not old.exists() and fresh.exists()
     assert not (run_dir / LOCK_NAME).exists()
-    assert_finite_file(Path(smoke_cfg().paths.artifacts_dir) / "res16" / "edgeface_pretrained.pt")
+    assert_finite_file(art_path)
 
 
 # ------------------------------------------------------------------ 4. one writer per run directory
