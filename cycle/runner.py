@@ -11,6 +11,9 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
 `run()` does the rest in a fixed order: device, artifact store, the stage's settings (2nd-cycle values
 merged), its input artifacts (a missing one names the command that builds it), `build()`, the logger
 (closed in a `finally`), `fit()`, publishing the artifact with its manifest and parents.
+
+In a data-parallel job (`cycle.distributed`) every rank runs all of this on its shard of the training data;
+rank 0 alone logs, checkpoints and publishes, and the others wait for the published artifact.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from cycle import distributed
 from cycle.artifacts import ArtifactStore, load_model
 from cycle.config import to_plain
 from cycle.data import stage_loaders
@@ -125,18 +129,20 @@ class StageRun:
     # ------------------------------------------------------------------ the fixed order
     def run(self) -> dict[str, float]:
         self.check()
-        self.device = resolve_device(self.cfg.device)
+        self.device, self.dist = distributed.init(resolve_device(self.cfg.device))
         self.require_inputs()
         # Each stage draws from its own seed: a stage gives the same weights whether the stages before it ran
         # in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
         seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
         self.build()
-        self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
+        self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select, main=self.dist.main)
+        self.logger.meta(0, world_size=self.dist.world_size)
         try:
             metrics = self.fit()
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics, parents=self.parents,
-                               run_dir=self.out_dir, identities=self.identities())
+            distributed.main_only(self.store.publish, self.output, self.payload(), cfg=self.cfg, metrics=metrics,
+                                  parents=self.parents, run_dir=self.out_dir, identities=self.identities(),
+                                  extra={"world_size": self.dist.world_size})
             self.logger.summary(metrics)
             return metrics
         finally:

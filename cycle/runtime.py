@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, open_dict
 
+from cycle import distributed
 from cycle.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,19 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
-    """Make paths absolute (jobs may run elsewhere) and check the device early."""
+    """Make paths absolute (jobs may run elsewhere), check the device early, and join the process group of a
+    data-parallel job (torchrun / Slurm tasks: `cycle.distributed`), pinned to this process's GPU."""
     root = Path(cfg.paths.root)
     if not root.is_absolute():
         base = get_original_cwd() if HydraConfig.initialized() else os.getcwd()
         with open_dict(cfg):
             cfg.paths.root = str((Path(base) / root).resolve())
     device = resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    device, env = distributed.init(device)
+    if env.world_size > 1:
+        with open_dict(cfg):
+            cfg.device = str(device)
+        return cfg
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     if n_gpu > 1 and str(cfg.device) in ("auto", "cuda") and HydraConfig.initialized():
         # local multirun: pin job N to GPU N (mod count) so parallel jobs do not share one GPU

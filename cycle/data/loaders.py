@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cycle import distributed
 from cycle.data.augment import _check_augment, augment_batch
 from cycle.data.faceset import FaceSet
 from cycle.data.options import DataError, _plain
@@ -73,9 +74,10 @@ class FaceLoader(DataLoader):
 
 def make_loader(faces: FaceSet, *, batch_size: int, res: int | None, degradation: Mapping | None, train: bool,
                 pk: tuple[int, int] | None = None, augment: Mapping | None = None, num_workers: int = 0,
-                seed: int = 0, drop_last: bool | None = None) -> FaceLoader:
+                seed: int = 0, drop_last: bool | None = None, rank: int = 0, world_size: int = 1) -> FaceLoader:
     """DataLoader of {"hr", "lr", "label", "index"} batches (see module doc). `loader.set_epoch(e)`
-    pins the epoch (resume); otherwise every pass over the loader advances it by one."""
+    pins the epoch (resume); otherwise every pass over the loader advances it by one. With `world_size` > 1
+    the loader yields rank `rank`'s shard; `batch_size` is per process."""
     if not isinstance(faces, FaceSet):
         raise DataError(f"make_loader expects a FaceSet from build_splits, got {type(faces).__name__}")
     if len(faces) == 0:
@@ -98,25 +100,29 @@ def make_loader(faces: FaceSet, *, batch_size: int, res: int | None, degradation
         p, k = (int(v) for v in pk)
         if p < 1 or k < 1 or p * k != batch_size:
             raise DataError(f"pk=({p}, {k}) needs batch_size = P*K = {p * k}, got batch_size={batch_size}")
-        return FaceLoader(dataset, batch_sampler=PKBatchSampler(faces.labels, p, k, seed), **kwargs)
+        return FaceLoader(dataset, batch_sampler=PKBatchSampler(faces.labels, p, k, seed, rank, world_size),
+                          **kwargs)
+    sampler = EpochSampler(len(faces), seed, shuffle=train, rank=rank, world_size=world_size)
     if drop_last is None:
-        drop_last = train and len(faces) >= batch_size  # a split smaller than one batch still yields it
-    elif drop_last and len(faces) < batch_size:
-        raise DataError(f"drop_last=True with {len(faces)} samples < batch_size={batch_size} gives no batch")
-    return FaceLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(faces), seed, shuffle=train),
-                      drop_last=drop_last, **kwargs)
+        drop_last = train and len(sampler) >= batch_size  # a split smaller than one batch still yields it
+    elif drop_last and len(sampler) < batch_size:
+        raise DataError(f"drop_last=True with {len(sampler)} samples per rank < batch_size={batch_size} "
+                        "gives no batch: lower trainer.batch_size (it is per process) or use fewer processes")
+    return FaceLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
 
 
 def stage_loaders(cfg: Mapping, res: int | None) -> tuple[dict[str, FaceSet], DataLoader, DataLoader]:
     """The splits and the (train, val) loaders every training stage uses, from the composed config.
 
-    res=None gives HR-only batches (EdgeFace pre-training).
+    res=None gives HR-only batches (EdgeFace pre-training). In a data-parallel job the training loader is
+    this rank's shard (`trainer.batch_size` per process); every rank validates on the whole validation split.
     """
     t = cfg.trainer
     splits = build_splits(cfg.data, cfg.paths.cache_dir)
     pk = tuple(t.pk) if t.get("pk") else None
     common = dict(batch_size=int(t.batch_size), res=res, degradation=cfg.degradation,
                   num_workers=int(t.num_workers), seed=int(cfg.seed))
-    train = make_loader(splits["train"], train=True, pk=pk, augment=cfg.data.augment, **common)
+    train = make_loader(splits["train"], train=True, pk=pk, augment=cfg.data.augment,
+                        rank=distributed.rank(), world_size=distributed.world_size(), **common)
     val = make_loader(splits["val"], train=False, **common)
     return splits, train, val

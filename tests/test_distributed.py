@@ -1,0 +1,161 @@
+"""Data-parallel training on the CPU (gloo, 2 processes of 1 thread): ranks, sharding, gradients, resume."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import open_dict
+from torch import nn
+
+from cycle import distributed
+from cycle.artifacts import ArtifactStore
+from cycle.data.samplers import EpochSampler, PKBatchSampler
+from cycle.logger import read_metrics
+from cycle.training import Trainer
+from test_dsr_stage import publish_edgeface, with_artifacts
+
+
+def test_ranks_come_from_torchrun_or_slurm():
+    assert distributed.launcher_env({}) == distributed.DistEnv(0, 1, 0)
+    assert distributed.launcher_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (
+        distributed.DistEnv(3, 4, 1))
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert distributed.launcher_env(slurm) == distributed.DistEnv(5, 8, 1)
+    # a one-task Slurm job is no data-parallel job; torchrun's variables win over Slurm's
+    assert distributed.launcher_env({**slurm, "SLURM_NTASKS": "1"}).world_size == 1
+    assert distributed.launcher_env({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == distributed.DistEnv(0, 2, 0)
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_epoch_sampler_shards_every_sample_once_and_evenly(n):
+    shards = [list(EpochSampler(n, seed=3, rank=r, world_size=2)) for r in range(2)]
+    one = list(EpochSampler(n, seed=3))
+    assert len(shards[0]) == len(shards[1]) == len(EpochSampler(n, world_size=2)) == -(-n // 2)
+    union = sorted(shards[0] + shards[1], key=lambda key: key[2])
+    assert union[:n] == one  # same keys (index, epoch, global slot) as one process: same augmentation
+    assert {i for i, _, _ in union} == set(range(n))  # odd n: one sample padded twice, none missed
+
+
+def test_pk_sampler_shards_whole_pk_batches_evenly():
+    labels = np.repeat(np.arange(12), 4)
+    ranks = [list(PKBatchSampler(labels, p=3, k=2, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(PKBatchSampler(labels, 3, 2, rank=1, world_size=2)) == 4
+    for batch in ranks[0] + ranks[1]:
+        ids = labels[[i for i, _, _ in batch]]
+        assert len(batch) == 6 and all((ids == c).sum() == 2 for c in set(ids))  # P x K kept per rank
+    slots = sorted(s for b in ranks[0] + ranks[1] for _, _, s in b)
+    assert slots == list(range(48))  # the two ranks interleave one global sequence of batches
+
+
+# ------------------------------------------------------------------ multi-process (gloo) helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world_size: int, *args) -> None:
+    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _worker(rank, world_size, port, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WANDB_MODE="offline")
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    try:
+        fn(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _one_sgd_step(rank: int, x: torch.Tensor, y: torch.Tensor, out: str | None, tmp: str) -> torch.Tensor:
+    """One Trainer step with SGD(lr=1) on (x, y): the change of the parameters is minus the gradient."""
+    torch.manual_seed(rank)  # different initial weights per rank: the broadcast from rank 0 must fix them
+    net = _Net()
+    if rank == 0:
+        torch.manual_seed(0)
+        net = _Net()
+    trainer = Trainer(tcfg={"grad_clip": 0, "warmup_frac": 0, "amp": "off", "progress": False}, run_dir=tmp,
+                      logger=None, device=torch.device("cpu"), modules={"net": net},
+                      optimizer=torch.optim.SGD(net.parameters(), lr=1.0), epochs=1, steps_per_epoch=1,
+                      resume=False)
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    trainer._micro_step({"x": x, "y": y}, lambda b: (nn.functional.cross_entropy(net(b["x"]), b["y"]), {}),
+                        last_micro=True)
+    grad = before - torch.cat([p.detach().flatten() for p in net.parameters()])
+    if out is not None:
+        torch.save(grad, f"{out}.{rank}")
+    return grad
+
+
+def _half_step(rank, x, y, out, tmp):
+    _one_sgd_step(rank, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4], out, tmp)
+
+
+def test_two_process_step_gives_the_gradients_of_the_union_batch(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 2, (8,), generator=g)
+    ref = _one_sgd_step(0, x, y, None, str(tmp_path / "one"))
+    _spawn(_half_step, 2, x, y, str(tmp_path / "grad"), str(tmp_path / "two"))
+    for r in range(2):
+        got = torch.load(tmp_path / f"grad.{r}", weights_only=True)
+        assert torch.allclose(got, ref, atol=1e-5), (r, (got - ref).abs().max())
+
+
+# ------------------------------------------------------------------ a stage across world sizes
+def _run_initial(rank, cfg, out_dir):
+    from dsr.stage import run_initial
+    run_initial(cfg, out_dir)
+
+
+def _stage_cfg(smoke_cfg, tmp_path, epochs):
+    cfg = with_artifacts(smoke_cfg("stage=initial", f"stages.initial.epochs={epochs}", "trainer.limit_train_batches=2",
+                                   "trainer.batch_size=4"), tmp_path / "art")
+    with open_dict(cfg):
+        cfg.trainer.ckpt_every = 1
+    return cfg
+
+
+def _run(world_size, cfg, out_dir):
+    if world_size == 1:
+        from dsr.stage import run_initial
+        run_initial(cfg, out_dir)
+    else:
+        _spawn(_run_initial, world_size, cfg, out_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_initial_publishes_and_resumes_across_world_sizes(smoke_cfg, tmp_path, first, then):
+    cfg1 = _stage_cfg(smoke_cfg, tmp_path, epochs=1)
+    publish_edgeface(cfg1, "edgeface_pretrained")
+    run_dir = tmp_path / "run"
+    _run(first, cfg1, run_dir)
+    store = ArtifactStore.for_config(cfg1)
+    assert store.manifest("dsr_initial")["world_size"] == first
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[0]["meta"] == {"world_size": first}
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2]  # rank 0 alone wrote metrics
+    # a longer schedule in the same run directory resumes from last.pt (step 2) in the other world size
+    (run_dir / "checkpoints" / "initial.done.pt").unlink()
+    cfg2 = _stage_cfg(smoke_cfg, tmp_path, epochs=2)
+    _run(then, cfg2, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2, 3, 4]
+    assert [r["meta"]["world_size"] for r in rows if "meta" in r] == [first, then]
+    manifest = ArtifactStore.for_config(cfg2).manifest("dsr_initial")
+    assert manifest["world_size"] == then
