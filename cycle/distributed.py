@@ -159,3 +159,28 @@ def main_only(fn, *args, **kwargs):
     if error is not None:
         raise error
     return result
+
+
+def spawn_local(fn, nprocs: int, *args) -> None:
+    """Run `fn(rank, *args)` in `nprocs` fresh processes on this machine, as a torchrun job of one thread each
+    (gloo on the CPU): the tests and `python -m bench.ddp`. `fn` must be importable (module level)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_local_worker, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
+
+
+def _local_worker(rank: int, nprocs: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    init(torch.device("cpu"))
+    try:
+        fn(rank, *args)
+    finally:
+        if active():
+            dist.destroy_process_group()

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from omegaconf import open_dict
 from torch import nn
 
@@ -51,26 +49,9 @@ def test_pk_sampler_shards_whole_pk_batches_evenly():
     assert slots == list(range(48))  # the two ranks interleave one global sequence of batches
 
 
-# ------------------------------------------------------------------ multi-process (gloo) helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world_size: int, *args) -> None:
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
-
-
-def _worker(rank, world_size, port, fn, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WANDB_MODE="offline")
-    torch.set_num_threads(1)
-    distributed.init(torch.device("cpu"))
-    try:
-        fn(rank, *args)
-    finally:
-        torch.distributed.destroy_process_group()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    distributed.spawn_local(fn, world_size, *args)
 
 
 class _Net(nn.Module):
@@ -159,3 +140,17 @@ def test_initial_publishes_and_resumes_across_world_sizes(smoke_cfg, tmp_path, f
     assert [r["meta"]["world_size"] for r in rows if "meta" in r] == [first, then]
     manifest = ArtifactStore.for_config(cfg2).manifest("dsr_initial")
     assert manifest["world_size"] == then
+
+
+@pytest.mark.slow
+def test_bench_ddp_quick_reports_scaling(tmp_path):
+    import sys
+
+    from conftest import ROOT
+    if str(ROOT) not in sys.path:  # bench/ is not an installed package
+        sys.path.insert(0, str(ROOT))
+    from bench import ddp
+
+    res = ddp.main(["--quick", "--batch", "2", "--out", str(tmp_path)])
+    assert [r["processes"] for r in res["runs"]] == [1, 2] and all(r["img_s"] > 0 for r in res["runs"])
+    assert 0 < res["scaling_efficiency"] and "efficiency" in (tmp_path / "ddp.md").read_text()
