@@ -96,6 +96,8 @@ class StageRun:
     def loaders(self) -> None:
         """`self.splits`, `self.train_loader`, `self.val_loader` for this stage's resolution."""
         self.splits, self.train_loader, self.val_loader = stage_loaders(self.cfg, None if self.hr_only else self.res)
+        for loader in (self.train_loader, self.val_loader):
+            loader.device = self.device  # trainer.degrade_on=device: batches are finished there
 
     def require_inputs(self) -> None:
         """Fail now, naming the command to run, if an input artifact is missing (inputs in table order)."""

@@ -154,3 +154,41 @@ def test_bench_ddp_quick_reports_scaling(tmp_path):
     res = ddp.main(["--quick", "--batch", "2", "--out", str(tmp_path)])
     assert [r["processes"] for r in res["runs"]] == [1, 2] and all(r["img_s"] > 0 for r in res["runs"])
     assert 0 < res["scaling_efficiency"] and "efficiency" in (tmp_path / "ddp.md").read_text()
+
+
+# ------------------------------------------------------------------ the GPU-ready step
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degradation_on_the_device_equals_the_loader_path(smoke_cfg, device):
+    from cycle.data import build_splits, make_loader
+
+    cfg = smoke_cfg()
+    faces = build_splits(cfg.data, cfg.paths.cache_dir)["train"]
+    common = dict(batch_size=8, res=16, train=True, seed=3, augment={"flip": True, "rotate_deg": 10,
+                  "color_jitter": 0.2}, degradation={"down": "bicubic", "blur_sigma": 1.0, "noise_std": 0.05})
+    cpu = next(iter(make_loader(faces, **common)))
+    loader = make_loader(faces, degrade_on="device", **common)
+    raw = loader.collate_fn([loader.dataset[k] for k in list(loader.sampler)[:8]])
+    assert raw["hr_u8"].dtype == torch.uint8 and "lr" not in raw  # workers only decode and stack uint8
+    loader.set_epoch(0)
+    loader.device = torch.device(device)
+    dev = next(iter(loader))
+    assert dev["lr"].device.type == device
+    for k in ("hr", "lr"):  # same per-image seeds: the random parts (flip, angle, jitter, noise) match too
+        assert torch.allclose(dev[k].cpu(), cpu[k], atol=1e-6), (k, (dev[k].cpu() - cpu[k]).abs().max())
+    assert torch.equal(dev["label"].cpu(), cpu["label"])
+    with pytest.raises(ValueError, match="degrade_on must be one of"):
+        make_loader(faces, degrade_on="gpu", **common)
+
+
+@pytest.mark.slow
+def test_initial_trains_with_device_degradation_and_bf16(smoke_cfg, tmp_path):
+    from dsr.stage import run_initial
+
+    cfg = with_artifacts(smoke_cfg("stage=initial", "trainer.degrade_on=device", "trainer.amp=bf16",
+                                   "trainer.limit_train_batches=1"), tmp_path / "art")
+    publish_edgeface(cfg, "edgeface_pretrained")
+    metrics = run_initial(cfg, tmp_path / "run")
+    assert np.isfinite(metrics["train/loss"]) and metrics["val/psnr"] > 10
