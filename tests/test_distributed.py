@@ -192,3 +192,38 @@ def test_initial_trains_with_device_degradation_and_bf16(smoke_cfg, tmp_path):
     publish_edgeface(cfg, "edgeface_pretrained")
     metrics = run_initial(cfg, tmp_path / "run")
     assert np.isfinite(metrics["train/loss"]) and metrics["val/psnr"] > 10
+
+
+def _preempted_rank1(rank, cfg, out_dir):
+    import signal
+
+    import dsr.losses
+    from dsr.stage import run_initial
+
+    real, calls = dsr.losses.DSRLoss.forward, {"n": 0}
+
+    def signal_at_step_two(self, *a, **k):  # Slurm's SIGUSR2, seen by one task only
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2 and rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR2)
+        return real(self, *a, **k)
+
+    dsr.losses.DSRLoss.forward = signal_at_step_two
+    run_initial(cfg, out_dir)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_task_stops_every_task_at_the_same_step(smoke_cfg, tmp_path):
+    from cycle.checkpoint import load_checkpoint
+
+    cfg = _stage_cfg(smoke_cfg, tmp_path, epochs=2)
+    with open_dict(cfg):
+        cfg.trainer.ckpt_every = 0
+    publish_edgeface(cfg, "edgeface_pretrained")
+    with pytest.raises(Exception, match="exit"):  # both processes stop (SystemExit), none hangs
+        _spawn(_preempted_rank1, 2, cfg, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2  # saved by rank 0
+    _run(1, cfg, tmp_path / "run")  # the requeued job resumes (here as one process)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    assert steps == [1, 2, 3, 4]
