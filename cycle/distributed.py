@@ -40,11 +40,13 @@ class DistEnv:
 
 
 def launcher_env(environ: dict | None = None) -> DistEnv:
-    """Rank, world size and local rank from torchrun's or Slurm's variables (torchrun's win)."""
+    """Rank, world size and local rank from torchrun's or Slurm's variables (torchrun's win). Slurm's count only
+    inside an srun step of several tasks (SLURM_STEP_NUM_TASKS, which submitit's srun sets): a single process
+    in a batch script or salloc of --ntasks=4 has SLURM_NTASKS=4 but no peers, and would wait for them."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+    if int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1 and "SLURM_PROCID" in env:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return DistEnv()
 

@@ -21,10 +21,11 @@ def test_ranks_come_from_torchrun_or_slurm():
     assert distributed.launcher_env({}) == distributed.DistEnv(0, 1, 0)
     assert distributed.launcher_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (
         distributed.DistEnv(3, 4, 1))
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1"}
     assert distributed.launcher_env(slurm) == distributed.DistEnv(5, 8, 1)
-    # a one-task Slurm job is no data-parallel job; torchrun's variables win over Slurm's
-    assert distributed.launcher_env({**slurm, "SLURM_NTASKS": "1"}).world_size == 1
+    # one task, or a batch script of --ntasks=8 outside srun: no peers to wait for; torchrun's variables win
+    assert distributed.launcher_env({**slurm, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}).world_size == 1
+    assert distributed.launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
     assert distributed.launcher_env({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == distributed.DistEnv(0, 2, 0)
 
 
