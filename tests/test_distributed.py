@@ -185,11 +185,12 @@ def test_degradation_on_the_device_equals_the_loader_path(smoke_cfg, device):
 
 
 @pytest.mark.slow
-def test_initial_trains_with_device_degradation_and_bf16(smoke_cfg, tmp_path):
+def test_initial_trains_with_device_degradation_bf16_and_compile(smoke_cfg, tmp_path):
+    """The GPU-ready step on the CPU: batches finished on the device, bf16 autocast, torch.compile (~30 s)."""
     from dsr.stage import run_initial
 
-    cfg = with_artifacts(smoke_cfg("stage=initial", "trainer.degrade_on=device", "trainer.amp=bf16",
-                                   "trainer.limit_train_batches=1"), tmp_path / "art")
+    cfg = with_artifacts(smoke_cfg("stage=initial", "trainer.degrade_on=device", "trainer.amp=bf16", "compile=true",
+                                   "dsr.arch.16.num_blocks=1", "trainer.limit_train_batches=1"), tmp_path / "art")
     publish_edgeface(cfg, "edgeface_pretrained")
     metrics = run_initial(cfg, tmp_path / "run")
     assert np.isfinite(metrics["train/loss"]) and metrics["val/psnr"] > 10
