@@ -33,6 +33,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.paths.root = str((Path(base) / root).resolve())
     device = resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    if not distributed.launcher_env().main:  # one train.log per run directory, rank 0's; the console shows all
+        root_log = logging.getLogger()
+        for handler in [h for h in root_log.handlers if isinstance(h, logging.FileHandler)]:
+            root_log.removeHandler(handler)
+            handler.close()
     device, env = distributed.init(device)
     if env.world_size > 1:
         with open_dict(cfg):
