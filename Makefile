@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.data_scale
+	$(PY) -m bench.ddp
 
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality

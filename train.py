@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cycle import distributed
 from cycle.errors import WRITE_ERRNOS, UserError, exit_on, output_error
 from cycle.files import HISTORY, move_aside
 from cycle.lock import RunLock
@@ -56,16 +57,18 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.edgeface.get("weights"):  # a wrong file or variant fails now, naming edgeface=<variant>, not later
         load_edgeface(cfg, str(cfg.edgeface.weights))
     with RunLock(out_dir):  # one writer per run directory: the same command twice refuses at once
-        if not cfg.resume:  # start over: the previous results move aside, never overwritten
-            move_aside([p for p in out_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".log"
-                        and p.name != HISTORY], out_dir / HISTORY)
+        if not cfg.resume:  # start over: the previous results move aside, never overwritten (by rank 0)
+            distributed.main_only(move_aside, [p for p in out_dir.iterdir() if not p.name.startswith(".")
+                                               and p.suffix != ".log" and p.name != HISTORY], out_dir / HISTORY)
         metrics = run_stage(cfg, out_dir)
     if cfg.dry_run:  # stage=cycle printed its plan: nothing ran, nothing to record
         return None
     if metrics:
         log.info("final metrics: %s", {k: round(float(v), 4) for k, v in metrics.items()})
     # what `python -m eval.summary <sweep dir>` tabulates for every job of a sweep
-    (out_dir / FINAL_METRICS).write_text(json.dumps({k: _finite(v) for k, v in (metrics or {}).items()}, indent=1))
+    if distributed.is_main():
+        final = {k: _finite(v) for k, v in (metrics or {}).items()}
+        (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
     return optimized(cfg, metrics or {})
 
 

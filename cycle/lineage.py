@@ -29,7 +29,8 @@ LINEAGE_VERSION = 1
 KEY_CHARS = 12
 # Settings that change how fast or how loudly a run goes, never what it trains.
 _DATA_IGNORED = {"num_workers", "prepare_workers"}
-_TRAINER_IGNORED = {"num_workers", "progress", "log_every", "ckpt_every", "sample_every"}
+_TRAINER_IGNORED = {"num_workers", "progress", "log_every", "ckpt_every", "sample_every",
+                    "degrade_on"}  # same batches on either side (tests/test_distributed.py)
 
 
 def digest(obj: Any, chars: int | None = None) -> str:

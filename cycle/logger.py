@@ -69,6 +69,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=int(step))
 
+    def meta(self, step: int, **entries: Any) -> None:
+        """Facts about the run (e.g. world_size): one `{"meta": {...}}` row (no curve), and wandb's config."""
+        self._file.write(json.dumps({"step": int(step), "time": time.time(), "meta": entries}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.config.update(entries, allow_val_change=True)
+
     def warn(self, code: str, message: str, step: int) -> None:
         """A training-health warning: console, metrics.jsonl and wandb."""
         log.warning("[%s] %s", code, message)
@@ -178,10 +185,39 @@ def sweep_point() -> str:
     return str(HydraConfig.get().job.get("override_dirname") or "") if HydraConfig.initialized() else ""
 
 
-def build_logger(cfg: DictConfig, run_dir: str | os.PathLike, stage: str, select: str | None = None
-                 ) -> MetricsLogger:
+class NullLogger:
+    """What ranks other than 0 of a data-parallel job log to: nothing (rank 0 writes metrics.jsonl, wandb,
+    sample grids). Warnings still reach the console."""
+
+    run_id: str | None = None
+    select: str | None = None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def warn(self, code: str, message: str, step: int) -> None:
+        log.warning("[%s] %s", code, message)
+
+    def log_images(self, key: str, image, step: int, caption: str | None = None) -> None:
+        pass
+
+    def meta(self, step: int, **entries: Any) -> None:
+        pass
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_logger(cfg: DictConfig, run_dir: str | os.PathLike, stage: str, select: str | None = None,
+                 main: bool = True) -> MetricsLogger | NullLogger:
     """wandb run `res<r>/<stage>[/<overrides>]` in group `<name>[/<overrides>]`: every point of a sweep is
-    told apart by name, and the stages of one point (stage=cycle) share a group."""
+    told apart by name, and the stages of one point (stage=cycle) share a group. `main=False` (a rank other
+    than 0 of a data-parallel job): a NullLogger."""
+    if not main:
+        return NullLogger()
     lc = cfg.logger
     point = sweep_point()
     group = lc.get("group") or cfg.name

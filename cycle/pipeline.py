@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, open_dict
 
+from cycle import distributed
 from cycle.artifacts import ArtifactStore
 from cycle.errors import ConfigError
 from cycle.lock import RunLock
@@ -157,9 +158,11 @@ def run_step(cfg: DictConfig, step: Step, out_dir: Path, methods: list[str] | No
                  store.path(step.output), store.manifest(step.output).get("run_dir"))
         return store.manifest(step.output).get("metrics", {})
     log.info("==> %s (res=%s) -> %s", step.dirname, cfg.res, sub_dir)
-    if step.stage == EVAL_STEP:
-        return get_method(EVALUATION)(cfg, sub_dir, resolutions=[str(cfg.res)], methods=methods)
-    return run_stage(sub_config(cfg, step.stage, step.cycle_index), sub_dir)
+    if step.stage == EVAL_STEP:  # a data-parallel job evaluates on rank 0; the others wait for its numbers
+        return distributed.main_only(get_method(EVALUATION), cfg, sub_dir, resolutions=[str(cfg.res)],
+                                     methods=methods)
+    # rank 0's metrics on every rank, so every rank takes the same decisions (cycle.cycles=auto)
+    return distributed.broadcast_object(run_stage(sub_config(cfg, step.stage, step.cycle_index), sub_dir))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
@@ -224,5 +227,5 @@ def _second_cycle_pays(cfg: DictConfig, results: dict[str, dict[str, float]]) ->
                  "running a 2nd cycle" if decision["second_cycle"] else "no 2nd cycle")
     store = ArtifactStore.for_config(cfg)
     if store.exists(STAGE["cyclic"].artifact(1)):
-        store.update_manifest(STAGE["cyclic"].artifact(1), auto_second_cycle=decision)
+        distributed.main_only(store.update_manifest, STAGE["cyclic"].artifact(1), auto_second_cycle=decision)
     return bool(decision["second_cycle"])

@@ -13,6 +13,9 @@ and the trainer's, `check()`, the run-directory lock (one writer; temp files of 
 removed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
 command that builds it), `build()`, the logger (closed in a `finally`), `fit()`, publishing the artifact
 with its manifest and parents.
+
+In a data-parallel job (`cycle.distributed`) every rank runs all of this on its shard of the training data;
+rank 0 alone logs, checkpoints and publishes, and the others wait for the published artifact.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from cycle import distributed
 from cycle.artifacts import ArtifactStore, load_model
 from cycle.checkpoint import remove_orphaned_temps
 from cycle.config import to_plain
@@ -99,6 +103,8 @@ class StageRun:
     def loaders(self) -> None:
         """`self.splits`, `self.train_loader`, `self.val_loader` for this stage's resolution."""
         self.splits, self.train_loader, self.val_loader = stage_loaders(self.cfg, None if self.hr_only else self.res)
+        for loader in (self.train_loader, self.val_loader):
+            loader.device = self.device  # trainer.degrade_on=device: batches are finished there
 
     def require_inputs(self) -> None:
         """Fail now, naming the command to run, if an input artifact is missing (inputs in table order)."""
@@ -143,22 +149,25 @@ class StageRun:
         check_stage(self.cfg, self.spec.name, self.cycle_index)
         self.check()
         with RunLock(self.out_dir):
-            remove_orphaned_temps(self.out_dir / "checkpoints")
-            ensure_writable(self.store.dir, "artifact folder")  # not found out after training
-            # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
-            remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
-            self.device = resolve_device(self.cfg.device)
+            self.device, self.dist = distributed.init(resolve_device(self.cfg.device))
+            if self.dist.main:  # the files of the run: rank 0's
+                remove_orphaned_temps(self.out_dir / "checkpoints")
+                ensure_writable(self.store.dir, "artifact folder")  # not found out after training
+                # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
+                remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
             self.require_inputs()
             # Each stage draws from its own seed: a stage gives the same weights whether the stages before it
             # ran in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.
             seed_everything(stage_seed(int(self.cfg.seed), self.spec.name, self.cycle_index))
             self.build()
-            self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select)
+            self.logger = build_logger(self.cfg, self.out_dir, self.label, select=self.select, main=self.dist.main)
+            self.logger.meta(0, world_size=self.dist.world_size)
             try:
                 metrics = self.fit()
                 metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-                self.store.publish(self.output, self.payload(), cfg=self.cfg, metrics=metrics,
-                                   parents=self.parents, run_dir=self.out_dir, identities=self.identities())
+                distributed.main_only(self.store.publish, self.output, self.payload(), cfg=self.cfg,
+                                      metrics=metrics, parents=self.parents, run_dir=self.out_dir,
+                                      identities=self.identities(), extra={"world_size": self.dist.world_size})
                 self.logger.summary(metrics)
                 return metrics
             finally:

@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, open_dict
 
+from cycle import distributed
 from cycle.errors import OutputError, exit_on
 from cycle.files import ensure_writable
 from cycle.training import resolve_device
@@ -29,13 +30,24 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
-    """Make paths absolute (jobs may run elsewhere) and check the device early."""
+    """Make paths absolute (jobs may run elsewhere), check the device early, and join the process group of a
+    data-parallel job (torchrun / Slurm tasks: `cycle.distributed`), pinned to this process's GPU."""
     root = Path(cfg.paths.root)
     if not root.is_absolute():
         base = get_original_cwd() if HydraConfig.initialized() else os.getcwd()
         with open_dict(cfg):
             cfg.paths.root = str((Path(base) / root).resolve())
     device = resolve_device(cfg.device)  # a missing CUDA fails here, before any work
+    if not distributed.launcher_env().main:  # one train.log per run directory, rank 0's; the console shows all
+        root_log = logging.getLogger()
+        for handler in [h for h in root_log.handlers if isinstance(h, logging.FileHandler)]:
+            root_log.removeHandler(handler)
+            handler.close()
+    device, env = distributed.init(device)
+    if env.world_size > 1:
+        with open_dict(cfg):
+            cfg.device = str(device)
+        return cfg
     n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
     if n_gpu > 1 and str(cfg.device) in ("auto", "cuda") and HydraConfig.initialized():
         # local multirun: pin job N to GPU N (mod count) so parallel jobs do not share one GPU

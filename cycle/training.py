@@ -5,6 +5,10 @@ per-optimizer-step LR schedule with warm-up, EMA, periodic atomic checkpoints an
 auto-resume from `<run dir>/checkpoints/last.pt`, a NaN guard that keeps the last
 good checkpoint, preemption (save, then hand the signal to submitit to requeue),
 progress bars and metric logging. Stages supply `step_fn` and `validate_fn`.
+
+Data-parallel (`cycle.distributed`): rank 0's weights are broadcast at the start, gradients are averaged over
+ranks before clipping, a stop (preemption signal, non-finite loss) on one rank stops every rank at the same
+step, and only rank 0 writes checkpoints (the others wait for them where they read them).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cycle import distributed
 from cycle.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cycle.errors import ConfigError, Diverged
 
@@ -242,6 +247,7 @@ class Trainer:
         self.resumed = False
         if resume:
             self._try_resume()
+        distributed.broadcast_modules(self.modules.values())  # every rank starts from rank 0's weights
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -255,7 +261,9 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
-        path = save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+        path = self.ckpt_dir / name
+        if distributed.is_main():  # ranks hold the same weights; the RNG saved is rank 0's
+            save_checkpoint(self.state_dict(), path)
         self.saved = (path, self.step)
         return path
 
@@ -302,7 +310,8 @@ class Trainer:
         log_every = int(self.t.get("log_every", 10))
         ckpt_every = int(self.t.get("ckpt_every", 200))
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.tag, dynamic_ncols=True,
-                   disable=not self.t.get("progress", True), mininterval=2.0)
+                   disable=not self.t.get("progress", True) or not distributed.is_main(), mininterval=2.0)
+        stop = False
         with PreemptionGuard() as guard:
             while self.epoch < self.epochs:
                 for m in self.modules.values():
@@ -332,7 +341,8 @@ class Trainer:
                         row["lr"] = self.optimizer.param_groups[0]["lr"]
                         self.logger.log(row, self.step)
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(row.items())[:4]})
-                    if guard.received is not None:
+                    if distributed.any_rank(guard.received is not None, self.device):
+                        guard.received = guard.received or signal.SIGUSR2  # a signal another rank got
                         self.save()
                         bar.close()
                         guard.forward_signal()
@@ -341,6 +351,7 @@ class Trainer:
                 epoch_row = {f"train/{k}": v / max(1, count) for k, v in sums.items()}
                 epoch_row["epoch"] = self.epoch + 1
                 epoch_row["time/epoch_s"] = time.time() - t0
+                self._sync_buffers()
                 if validate_fn is not None and ((self.epoch + 1) % int(self.t.get("val_every", 1)) == 0
                                                 or self.epoch + 1 == self.epochs):
                     for m in self.modules.values():
@@ -362,10 +373,13 @@ class Trainer:
                     for code, msg in self.health.check_epoch(self.history):
                         self.logger.warn(code, msg, self.step)
                 self.save()
-                if guard.received is not None and self.epoch < self.epochs:
+                stop = distributed.any_rank(guard.received is not None, self.device)
+                if stop and self.epoch < self.epochs:
+                    guard.received = guard.received or signal.SIGUSR2
                     bar.close()
                     guard.forward_signal()  # signal during validation/saving: state is saved, requeue now
-            if guard.received is not None:  # after the last epoch: finish the phase, then requeue
+            if stop:  # after the last epoch: finish the phase, then requeue
+                guard.received = guard.received or signal.SIGUSR2
                 self._finish(done, last)
                 bar.close()
                 guard.forward_signal()
@@ -385,11 +399,12 @@ class Trainer:
         try:
             with autocast(self.device, self.dtype):
                 loss, terms = step_fn(batch)
-            if not torch.isfinite(loss.detach()).all():
+            if distributed.any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device):
                 bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["loss"]
                 raise self._diverged(f"non-finite loss (terms: {', '.join(bad)})")
             self.scaler.scale(loss / self.accum).backward()
             if last_micro:
+                distributed.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 self.scaler.unscale_(self.optimizer)
                 # the norm before clipping; clipping an infinite gradient would turn it into NaN weights
@@ -421,6 +436,13 @@ class Trainer:
         return NonFiniteLoss(f"training diverged at step {self.step + 1} of {self.tag}: {what}. The update was not "
                              f"saved: no checkpoint or artifact holds non-finite values. {where} {self.hint}")
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics, which each rank updates from its own shard) on every rank,
+        so validation sees the same model everywhere."""
+        if distributed.world_size() > 1:
+            mods = list(self.modules.values()) + ([self.ema._ema.module] if self.ema is not None else [])
+            distributed.broadcast_modules(mods)
+
     def _ema_applied(self):
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
@@ -428,10 +450,14 @@ class Trainer:
         with self._ema_applied() if ema else contextlib.nullcontext():
             state = {"modules": {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()}}
         state.update(extra or {})
-        return save_checkpoint(state, self.ckpt_dir / name)
+        path = self.ckpt_dir / name
+        if distributed.is_main():
+            save_checkpoint(state, path)
+        return path
 
     def load_best(self) -> dict[str, float]:
         """Load the selected weights into the modules (what the stage publishes)."""
+        distributed.barrier()  # rank 0 wrote them
         state = load_checkpoint(self.ckpt_dir / f"{self.tag}.best.pt", map_location=self.device, hint=RESUME_HINT)
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])

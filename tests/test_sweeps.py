@@ -313,3 +313,20 @@ def test_slurm_killed_and_preempted_job_resumes_instead_of_restarting(
     assert published["key"] == ref_published["key"]  # same settings and data: the same lineage
     published, ref_published = published["metrics"], ref_published["metrics"]
     assert published["val/psnr"] == pytest.approx(ref_published["val/psnr"], rel=1e-4, abs=1e-5)
+
+
+def test_slurm_two_task_job_trains_data_parallel(tmp_path, cache, cluster, edgeface_weights):
+    """One Slurm job of 2 tasks (submitit's srun: ranks from SLURM_PROCID/SLURM_NTASKS), gloo on the CPU."""
+    launcher = ["hydra/launcher=submitit_slurm_ddp", *SLURM_TEST_LAUNCHER[1:], "hydra.launcher.tasks_per_node=2"]
+    args = ["-m", "res=16", *launcher, "experiment=smoke", "stage=initial", f"edgeface.weights={edgeface_weights}",
+            *_paths(tmp_path, cache)]
+    _train(args, env=dict(cluster.env, **{k: v for k, v in _env().items() if k != "PATH"}), timeout=300)
+    cluster.wait_empty(timeout=30)
+    jobs = cluster.jobs()  # one sweep point: a plain job, not an array
+    assert len(jobs) == 1 and jobs[0]["JobState"] == "COMPLETED" and jobs[0]["NumTasks"] == "2", jobs
+    manifest = json.loads(_artifact(tmp_path / "artifacts" / "res16", "dsr_initial").read_text())
+    assert manifest["world_size"] == 2
+    run_dir = _run_dirs(tmp_path / "outputs" / "smoke")["16"]
+    rows = _metrics(run_dir)
+    assert [r["meta"] for r in rows if "meta" in r] == [{"world_size": 2}]
+    assert [r["step"] for r in rows if "val/psnr" in r] == [2]  # rank 0 alone logged

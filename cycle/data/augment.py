@@ -30,7 +30,7 @@ def _check_augment(augment: Mapping | None) -> dict:
 def augment_batch(hr: torch.Tensor, aug: Mapping, gens: list[torch.Generator]) -> torch.Tensor:
     """Flip, small rotation and colour jitter of HR images (B,3,H,W), each image's draws from its own
     generator; the VLR image is made afterwards from the result, so (VLR, HR) stay aligned."""
-    u = torch.stack([torch.rand(5, generator=g) for g in gens]).to(hr.dtype)  # fixed draws per image
+    u = torch.stack([torch.rand(5, generator=g) for g in gens]).to(hr.device, hr.dtype)  # fixed draws per image
     if aug["flip"]:
         flip = (u[:, 0] < 0.5).view(-1, 1, 1, 1)
         hr = torch.where(flip, hr.flip(-1), hr)
@@ -43,7 +43,7 @@ def augment_batch(hr: torch.Tensor, aug: Mapping, gens: list[torch.Generator]) -
     j = aug["color_jitter"]
     if j > 0:  # brightness, contrast, saturation factors in [1-j, 1+j]
         b, c, s = ((1 + (u[:, 2:5] * 2 - 1) * j).T).view(3, -1, 1, 1, 1)
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=hr.dtype).view(1, 3, 1, 1)
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=hr.dtype, device=hr.device).view(1, 3, 1, 1)
         hr = hr * b
         mean = (hr * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         hr = (hr - mean) * c + mean
