@@ -9,10 +9,17 @@ are unknown, and the report says so instead of claiming disjointness.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from cycle.artifacts import ArtifactStore
+from cycle.stages import Method
+from eval.errors import EvaluationError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,3 +65,32 @@ def method_lineage(store: ArtifactStore, artifacts: list[str | None], official_w
 def overlap(evaluated: list[str], lineage: Lineage) -> list[str]:
     """Evaluated identity names that the lineage trained or selected on, sorted."""
     return sorted(set(map(str, evaluated)) & lineage.seen)
+
+
+def check_overlap(cfg: DictConfig, res: str, store: ArtifactStore, methods: list[Method], evaluated: list[str],
+                  notes: list[str]) -> dict[str, int]:
+    """Refuse (or, with eval.allow_overlap, mark) methods whose lineage trained or selected on an evaluated
+    identity; note lineages whose identities are unknown. Returns method -> overlapping identity count."""
+    official = bool(cfg.edgeface.get("weights"))
+    leaks, unknown = {}, {}
+    for m in methods:
+        lin = method_lineage(store, [a for a in (m.dsr,) if a] + [m.edgeface], official)
+        for what in lin.unknown:
+            unknown.setdefault(what, []).append(m.name)
+        hit = overlap(evaluated, lin)
+        if not hit:
+            continue
+        msg = (f"res {res}, {m.name}: overlap: {len(hit)} of the {len(evaluated)} evaluated identities were seen "
+               f"in training or validation along its lineage ({', '.join(lin.artifacts)}), e.g. "
+               f"{', '.join(hit[:5])}")
+        if not cfg.eval.get("allow_overlap"):
+            raise EvaluationError(f"{msg}. Evaluate on identities held out from training (eval.split=test with the "
+                                  "data settings the models were trained with, or a pairs file of other people), "
+                                  "or set eval.allow_overlap=true to report anyway, marked as not held out")
+        log.warning("%s (eval.allow_overlap=true: reported, marked)", msg)
+        notes.append(f"{msg}: eval.allow_overlap=true, so this is NOT a held-out result")
+        leaks[m.name] = len(hit)
+    for what, names in unknown.items():
+        notes.append(f"res {res}: {what}: disjointness from the evaluated identities is not claimed for "
+                     f"{', '.join(names)}")
+    return leaks

@@ -16,8 +16,28 @@ method whose artifact is absent or does not load is skipped: results.json and re
 """
 from __future__ import annotations
 
-from cycle.stages import METHODS, PRETRAINED_EDGEFACE, Method
+from omegaconf import DictConfig
 
-__all__ = ["Method", "METHODS", "PRETRAINED"]
+from cycle.artifacts import ArtifactStore
+from cycle.stages import METHODS, PRETRAINED_EDGEFACE, STAGE, Method, producer
+
+__all__ = ["Method", "METHODS", "PRETRAINED", "default_methods", "method_cycle"]
 
 PRETRAINED = PRETRAINED_EDGEFACE
+
+
+def default_methods(cfg: DictConfig, store: ArtifactStore) -> list[Method]:
+    """Methods of the cycles this configuration runs: 2nd-cycle rows only with cycle.cycles >= 2, or with
+    `auto` when the cycle-1 DSR's manifest records the decision to run a 2nd cycle."""
+    cycles = cfg.cycle.cycles
+    if str(cycles) == "auto":
+        decision = store.manifest(STAGE["cyclic"].artifact(1)).get("auto_second_cycle") or {}
+        n = 2 if decision.get("second_cycle") else 1
+    else:
+        n = int(cycles)
+    return [m for m in METHODS if method_cycle(m) <= n]
+
+
+def method_cycle(m: Method) -> int:
+    """The latest cycle whose artifact a method uses (1 for hr/bicubic)."""
+    return max([producer(a)[1] for a in (m.dsr, m.edgeface) if a] or [1])

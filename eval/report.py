@@ -41,7 +41,6 @@ from cycle.config import check_res, to_plain
 from cycle.degrade import DEFAULTS as DEGRADATION_DEFAULTS
 from cycle.degrade import DOWN_KERNELS, UPSAMPLE_KERNEL
 from cycle.files import HISTORY, move_aside
-from cycle.stages import STAGE, producer
 from cycle.training import resolve_device
 from eval import figures
 from eval.bins import bin_protocol, load_bin
@@ -49,8 +48,8 @@ from eval.bootstrap import CI_SUFFIX, identity_resamples, interval, paired_diffe
 from eval.errors import EvaluationError
 from eval.extract import QUALITY_KEYS, _at_res, _extract, _Extraction, _load, _Models
 from eval.judge import JUDGE_DESCRIPTION, JudgeUnavailable, build_judge
-from eval.leakage import method_lineage, overlap
-from eval.methods import METHODS, PRETRAINED, Method
+from eval.leakage import check_overlap
+from eval.methods import METHODS, PRETRAINED, Method, default_methods
 from eval.metrics import sampling_noise
 from eval.render import (
     ACROSS,
@@ -74,53 +73,6 @@ __all__ = ["METHODS", "Method", "EvaluationError", "evaluate", "score_method", "
 HEADLINE = ("psnr", "ssim", "psnr_y", "ssim_y", "auc", "eer", "accuracy", "rank1", "rank5", "d_prime", "genuine_mean",
             "impostor_mean")
 COLLAPSE_GAP = 0.05  # genuine - impostor mean cosine below this: embeddings may have collapsed
-
-
-def default_methods(cfg: DictConfig, store: ArtifactStore) -> list[Method]:
-    """Methods of the cycles this configuration runs: 2nd-cycle rows only with cycle.cycles >= 2, or with
-    `auto` when the cycle-1 DSR's manifest records the decision to run a 2nd cycle."""
-    cycles = cfg.cycle.cycles
-    if str(cycles) == "auto":
-        decision = store.manifest(STAGE["cyclic"].artifact(1)).get("auto_second_cycle") or {}
-        n = 2 if decision.get("second_cycle") else 1
-    else:
-        n = int(cycles)
-    return [m for m in METHODS if method_cycle(m) <= n]
-
-
-def method_cycle(m: Method) -> int:
-    """The latest cycle whose artifact a method uses (1 for hr/bicubic)."""
-    return max([producer(a)[1] for a in (m.dsr, m.edgeface) if a] or [1])
-
-
-def _check_overlap(cfg: DictConfig, res: str, store: ArtifactStore, methods: list[Method], proto: Protocol,
-                   notes: list[str]) -> dict[str, int]:
-    """Refuse (or, with eval.allow_overlap, mark) methods whose lineage trained or selected on an evaluated
-    identity; note lineages whose identities are unknown. Returns method -> overlapping identity count."""
-    evaluated = list(proto.faces.identities)
-    official = bool(cfg.edgeface.get("weights"))
-    leaks, unknown = {}, {}
-    for m in methods:
-        lin = method_lineage(store, [a for a in (m.dsr,) if a] + [m.edgeface], official)
-        for what in lin.unknown:
-            unknown.setdefault(what, []).append(m.name)
-        hit = overlap(evaluated, lin)
-        if not hit:
-            continue
-        msg = (f"res {res}, {m.name}: overlap: {len(hit)} of the {len(evaluated)} evaluated identities were seen "
-               f"in training or validation along its lineage ({', '.join(lin.artifacts)}), e.g. "
-               f"{', '.join(hit[:5])}")
-        if not cfg.eval.get("allow_overlap"):
-            raise EvaluationError(f"{msg}. Evaluate on identities held out from training (eval.split=test with the "
-                                  "data settings the models were trained with, or a pairs file of other people), "
-                                  "or set eval.allow_overlap=true to report anyway, marked as not held out")
-        log.warning("%s (eval.allow_overlap=true: reported, marked)", msg)
-        notes.append(f"{msg}: eval.allow_overlap=true, so this is NOT a held-out result")
-        leaks[m.name] = len(hit)
-    for what, names in unknown.items():
-        notes.append(f"res {res}: {what}: disjointness from the evaluated identities is not claimed for "
-                     f"{', '.join(names)}")
-    return leaks
 
 
 def _sample_indices(labels: np.ndarray, n: int) -> np.ndarray:
@@ -186,7 +138,7 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
            "comparisons": {}, "best": {}}
     if not runnable:
         return out
-    leaks = _check_overlap(cfg_r, res, store, runnable, proto, out["notes"])
+    leaks = check_overlap(cfg_r, res, store, runnable, list(proto.faces.identities), out["notes"])
     t0 = time.perf_counter()
     sample_idx = _sample_indices(proto.faces.labels, int(ev.num_samples))
     ext = _extract(cfg_r, int(res), proto.faces, runnable, models, device, sample_idx, judge=judge)
