@@ -31,7 +31,7 @@ import numpy as np
 
 from cycle.data.cache import _cache_paths, _faceset, _load_cached, _workers, _write_meta
 from cycle.data.faceset import FaceSet
-from cycle.data.options import DataError, _get
+from cycle.data.options import DataError, _get, _int
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ CHUNK = 256          # images per decoding task and per write
 SAVE_EVERY_S = 2.0   # progress is recorded at most this often (each record costs an fdatasync)
 LOG_EVERY_S = 30.0
 CACHE_MODES = ("disk", "none")
+
+
+def source_options(cfg: Mapping) -> tuple[int, int, str]:
+    """(split seed, image size, resize mode) of an image source, checked with `data.cache` before any scan."""
+    seed = _int(cfg, "seed", 0, 0)
+    size = _int(cfg, "image_size", 112, 16)
+    resize = _get(cfg, "resize", "resize")
+    if resize not in ("resize", "center_crop"):
+        raise DataError(f"data.resize={resize!r} must be 'resize' or 'center_crop'")
+    cache_mode(cfg)
+    return seed, size, resize
 
 
 def cache_mode(cfg: Mapping) -> str:

@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 
 from cycle.data.cache import CACHE_VERSION
-from cycle.data.chunked import cache_mode, source_split
+from cycle.data.chunked import source_options, source_split
 from cycle.data.faceset import FaceSet
-from cycle.data.options import DataError, _get, _int, _plain
+from cycle.data.options import DataError, _get, _plain
 from cycle.data.splits import SPLITS, _select, split_identities
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,7 @@ def _folder_split(cfg, cache_dir, root: Path, split: str, members: list[str], fo
 
 
 def _folder_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
-    seed = _int(cfg, "seed", 0, 0)
-    size = _int(cfg, "image_size", 112, 16)
-    resize = _get(cfg, "resize", "resize")
-    if resize not in ("resize", "center_crop"):
-        raise DataError(f"data.resize={resize!r} must be 'resize' or 'center_crop'")
-    cache_mode(cfg)  # a bad value fails before the scan
+    seed, size, resize = source_options(cfg)  # a bad value fails before the scan
     root, found = _scan_folder(cfg)
     found = _select(cfg, found, seed)
     parts = split_identities(list(found), _get(cfg, "split"), seed)

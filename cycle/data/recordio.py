@@ -34,10 +34,10 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from cycle.data.cache import CACHE_VERSION
-from cycle.data.chunked import cache_mode, source_split
+from cycle.data.chunked import source_options, source_split
 from cycle.data.faceset import FaceSet
 from cycle.data.folder import load_image
-from cycle.data.options import DataError, _get, _int
+from cycle.data.options import DataError, _get
 from cycle.data.splits import SPLITS, _select, split_identities
 
 log = logging.getLogger(__name__)
@@ -270,12 +270,7 @@ class RecordImages:
 
 
 def _rec_splits(cfg: Mapping, cache_dir) -> dict[str, FaceSet]:
-    seed = _int(cfg, "seed", 0, 0)
-    size = _int(cfg, "image_size", 112, 16)
-    resize = _get(cfg, "resize", "resize")
-    if resize not in ("resize", "center_crop"):
-        raise DataError(f"data.resize={resize!r} must be 'resize' or 'center_crop'")
-    cache_mode(cfg)
+    seed, size, resize = source_options(cfg)
     rec_path, idx_path = rec_paths(cfg)
     keys, offsets, labels = scan(rec_path, idx_path, cache_dir)
     if not len(offsets):
