@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycle.data import FaceSet, build_splits, load_image
 from eval.errors import EvaluationError
-from eval.protocols import balanced_fold_pairs, identification_split, load_lfw_pairs
+from eval.pairs_file import load_lfw_pairs
+from eval.protocols import balanced_fold_pairs, identification_split
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
+from test_dsr_stage import publish_edgeface, with_artifacts
 from torch import nn
 
 from cycle import distributed
@@ -14,7 +15,6 @@ from cycle.artifacts import ArtifactStore
 from cycle.data.samplers import EpochSampler, PKBatchSampler
 from cycle.logger import read_metrics
 from cycle.training import Trainer
-from test_dsr_stage import publish_edgeface, with_artifacts
 
 
 def test_ranks_come_from_torchrun_or_slurm():

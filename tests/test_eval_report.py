@@ -25,7 +25,8 @@ from cycle.data import build_splits, load_image, make_loader
 from cycle.degrade import upsample
 from eval.bootstrap import identity_resamples, paired_difference
 from eval.metrics import kfold_accuracy, pair_scores_indexed, psnr
-from eval.protocols import MissingImagesError, balanced_fold_pairs, balanced_pairs, identification_split
+from eval.pairs_file import MissingImagesError
+from eval.protocols import balanced_fold_pairs, balanced_pairs, identification_split
 from eval.report import EvaluationError, evaluate, regressions, render_markdown, score_method
 
 FIGURES = ("roc", "cmc", "scores", "quality", "samples")
@@ -407,7 +408,7 @@ def test_lfw_pairs_end_to_end_10_folds(tmp_path, edgeface_payloads):
     assert set(res["16"]) == {"hr", "bicubic"} and "bicubic/accuracy" in flat
 
     # the hr row reproduced by hand: images read like the folder data, EdgeFace, 10-fold with LFW folds
-    from eval.protocols import load_lfw_pairs
+    from eval.pairs_file import load_lfw_pairs
     lp = load_lfw_pairs(pairs, root)
     hr = torch.from_numpy(np.stack([load_image(p, 112, "resize") for p in lp.paths])).permute(0, 3, 1, 2) / 255.0
     ef = edgeface.load(ArtifactStore.for_config(cfg).path("edgeface_pretrained"))

@@ -1,4 +1,4 @@
-"""eval.protocols: balanced pairs, LFW pairs.txt (10-fold, missing images), identification split."""
+"""eval.protocols and eval.pairs_file: balanced pairs, LFW pairs.txt (10-fold, missing images), identification split."""
 
 import logging
 
@@ -7,18 +7,8 @@ import pytest
 from PIL import Image
 
 from eval.metrics import kfold_accuracy, pair_scores_indexed
-from eval.protocols import (
-    LFWPair,
-    MissingImagesError,
-    _unrank_pairs,
-    balanced_fold_pairs,
-    balanced_pairs,
-    identification_split,
-    identity_folds,
-    lfw_image_path,
-    load_lfw_pairs,
-    read_lfw_pairs,
-)
+from eval.pairs_file import LFWPair, MissingImagesError, lfw_image_path, load_lfw_pairs, read_lfw_pairs
+from eval.protocols import _unrank_pairs, balanced_fold_pairs, balanced_pairs, identification_split, identity_folds
 
 # 10 identities with a single image, then identities with 2..41 images
 LABELS = np.repeat(np.arange(50), np.r_[np.ones(10, int), np.arange(2, 42)])
@@ -188,7 +178,7 @@ def test_lfw_parse_flexible_counts(tmp_path, caplog):
     # header says 2 folds of 3 + 3, fold 1 has only 2 same pairs: folds come from the blocks
     text = ("2 3\n" + "A 1 2\nB 1 2\nC 1 2\nA 1 B 1\nA 1 C 1\nB 1 C 1\n\n"
             + "D 1 2\nE 1 3\nD 1 E 1\nD 2 F 1\nE 1 F 1\n")
-    with caplog.at_level(logging.WARNING, logger="eval.protocols"):
+    with caplog.at_level(logging.WARNING, logger="eval.pairs_file"):
         pairs = read_lfw_pairs(_pairs_file(tmp_path, text))
     assert [p.fold for p in pairs] == [0] * 6 + [1] * 5
     assert "fold 1 (lines 9-13) has 2 same / 3 different pairs, header says 3 each" in caplog.text

@@ -33,7 +33,7 @@ from cycle.errors import CheckpointError, ConfigError, Diverged, OutputError, Ru
 from cycle.lock import LOCK_NAME, STALE_S, RunLock
 from cycle.pipeline import run as run_cycle
 from cycle.training import EMA, NonFiniteLoss, Trainer, resolve_device
-from eval.protocols import PairsFileError, read_lfw_pairs
+from eval.pairs_file import PairsFileError, read_lfw_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 
