@@ -53,6 +53,7 @@ class CycleSchema:
     skip: list = field(default_factory=list)
     eval: bool = True
     index: int = 1
+    ablations: list = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainSchema:
     loss: Any = None
     local: Any = None
     cluster: Any = None
+    supervisor: Any = None
     optimized_metric: Any = None
 
 

@@ -32,10 +32,10 @@ from cycle.stages import (
     PRETRAINED_EDGEFACE,
     STAGE,
     STAGES,
+    in_cycle,
     stage_inputs,
     stage_settings,
     stage_spec,
-    uses_official_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,12 @@ def step_for(cfg: DictConfig, stage: str, cycle_index: int = 1) -> Step:
 
 def plan(cfg: DictConfig, cycles: int = 1) -> list[Step]:
     """Every stage of the table in order for cycles 1..cycles (non-repeating ones in cycle 1 only; no
-    EdgeFace pretraining with official weights), then the evaluation."""
+    EdgeFace pretraining with official weights; ablations only when `cycle.ablations` names them), then
+    the evaluation."""
     steps = []
     for k in range(1, cycles + 1):
         for spec in STAGES:
-            if k > 1 and not spec.repeats:
-                continue
-            if spec.output == PRETRAINED_EDGEFACE and uses_official_weights(cfg):
+            if (k > 1 and not spec.repeats) or not in_cycle(cfg, spec):
                 continue
             steps.append(step_for(cfg, spec.name, k))
     if cfg.cycle.eval:

@@ -6,6 +6,7 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
     step(batch)      -> (loss, {term: value}) for one training batch
     validate(epoch)  -> {"val/...": value}
     payload()        -> the plain dict of tensors it publishes
+    manifest_extra() -> what the stage adds to its artifact's manifest (optional)
     fit()            one `Trainer` over `self.modules` by default; a stage with phases overrides it
 
 `run()` does the rest in a fixed order: the range check of the stage's settings (2nd-cycle values merged)
@@ -91,6 +92,10 @@ class StageRun:
     def payload(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def manifest_extra(self) -> dict[str, Any]:
+        """What this stage adds to its artifact's manifest (e.g. the DSR stages' supervisor check)."""
+        return {}
+
     def fit(self) -> dict[str, float]:
         """Train with one Trainer; returns the metrics of the selected (published) epoch."""
         self.trainer = self.make_trainer(modules=self.modules, optimizer=self.optimizer,
@@ -167,7 +172,8 @@ class StageRun:
                 metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
                 distributed.main_only(self.store.publish, self.output, self.payload(), cfg=self.cfg,
                                       metrics=metrics, parents=self.parents, run_dir=self.out_dir,
-                                      identities=self.identities(), extra={"world_size": self.dist.world_size})
+                                      identities=self.identities(),
+                                      extra={"world_size": self.dist.world_size, **self.manifest_extra()})
                 self.logger.summary(metrics)
                 return metrics
             finally:

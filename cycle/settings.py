@@ -80,7 +80,10 @@ STAGE_RULES = {
     "scale": _float(0, low_open=True),
     "margin": _float(0),
     "lambda_align": _float(0),
+    "identity_warmup": _float(0, 1),
 }
+# the floors of the supervisor check of the DSR stages (`supervisor.<key>`)
+SUPERVISOR_RULES = {"min_auc": _float(0, 1), "min_tar": _float(0, 1)}
 LOSS_WEIGHT = _float(0, FLOAT32_MAX)  # every entry of `stages.<name>.loss` but the options below
 LOSS_OPTIONS = {"pixel_type", "vgg_weights", "perceptual_layers", "charbonnier_eps"}
 # the trainer settings every stage shares (`trainer.<key>`)
@@ -124,6 +127,8 @@ def check_trainer(trainer: DictConfig | dict) -> None:
 def check_stage(cfg: DictConfig, name: str, cycle_index: int = 1) -> None:
     """Refuse out-of-range settings of stage `name` (2nd-cycle values merged) and of `trainer`."""
     check_trainer(cfg.trainer)
+    for k, rule in SUPERVISOR_RULES.items():
+        _check(f"supervisor.{k}", (cfg.get("supervisor") or {}).get(k), rule)
     s = to_plain(stage_settings(cfg, name, cycle_index))
     second = (cfg.stages[name].get(SECOND_CYCLE_KEY) or {}) if cycle_index > 1 else {}
 

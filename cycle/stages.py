@@ -6,6 +6,8 @@ missing artifact names, how an artifact is loaded, the evaluation rows (`eval`'s
 settings with the 2nd-cycle overrides merged in (`stage_settings`).
 
 Adding a stage = one `Stage` entry here + its `run(cfg, out_dir)` function + `conf/stages/<name>.yaml`.
+An ablation (`ablation=True`, e.g. `pixel`) runs in `stage=cycle` and is evaluated only when
+`cycle.ablations` names it.
 
 Cycles. `edgeface_ft` and `cyclic` run once per cycle (`repeats=True`); cycle k > 1 publishes under the
 cycle-1 name with k appended (`edgeface_ft2`, `dsr_cyclic2`). An input `Input(stage, -1)` is that
@@ -21,6 +23,8 @@ import re
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
+
+from cycle.errors import ConfigError
 
 PIPELINE = "cycle"                     # `stage=cycle`: every stage below in order, then the evaluation
 EVALUATION = "eval.report.evaluate"    # what `stage=cycle` runs last: evaluate(cfg, out_dir, resolutions)
@@ -46,6 +50,7 @@ class Stage:
     first: str | None = None         # a repeating stage's stand-in for cycle 0
     methods: tuple[str, ...] = ()    # evaluation row fed by cycle 1, 2, ... of this stage ("" = none)
     description: str = ""
+    ablation: bool = False           # runs only when named in `cycle.ablations`
 
     def label(self, cycle_index: int = 1) -> str:
         """Run sub-directory, logger tag: `cyclic`, `cyclic2`."""
@@ -64,6 +69,8 @@ DSR_LOADER = "cycle.models.load_dsr"
 STAGES: tuple[Stage, ...] = (
     Stage("edgeface_pretrain", "edgeface.pretrain.run", PRETRAINED_EDGEFACE, "edgeface", EDGEFACE_LOADER,
           description="EdgeFace on HR faces (only without edgeface.weights)"),
+    Stage("pixel", "dsr.stage.run_pixel", "dsr_pixel", "dsr", DSR_LOADER, methods=("pixel",), ablation=True,
+          description="DSR with initial's schedule and the pixel loss only (ablation: cycle.ablations=[pixel])"),
     Stage("initial", "dsr.stage.run_initial", "dsr_initial", "dsr", DSR_LOADER,
           inputs=(Input("edgeface_ft", -1),), methods=("initial",),
           description="DSR from scratch, supervised by the pretrained EdgeFace"),
@@ -76,6 +83,7 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE = {s.name: s for s in STAGES}
 STAGE_NAMES = (PIPELINE, *STAGE)  # what `stage=` accepts
+ABLATIONS = tuple(s.name for s in STAGES if s.ablation)  # what `cycle.ablations` accepts
 
 
 def stage_spec(name: str) -> Stage:
@@ -87,6 +95,23 @@ def stage_spec(name: str) -> Stage:
 
 def uses_official_weights(cfg: DictConfig) -> bool:
     return bool(cfg.edgeface.get("weights"))
+
+
+def ablations(cfg: DictConfig) -> list[str]:
+    """The ablation stages `cycle.ablations` asks for; an unknown name lists the ablations there are."""
+    names = [str(a) for a in (cfg.cycle.get("ablations") or [])]
+    unknown = [a for a in names if a not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"cycle.ablations={names}: unknown {unknown}; choose from: {', '.join(ABLATIONS)}")
+    return names
+
+
+def in_cycle(cfg: DictConfig, spec: Stage) -> bool:
+    """Whether `stage=cycle` runs `spec`: every stage, ablations only when asked for, and no EdgeFace
+    pretraining with official weights."""
+    if spec.ablation:
+        return spec.name in ablations(cfg)
+    return not (spec.output == PRETRAINED_EDGEFACE and uses_official_weights(cfg))
 
 
 def resolve_input(ref: Input, cycle_index: int, official_weights: bool = False) -> str | None:

@@ -174,6 +174,7 @@ class DSRLoss(nn.Module):
                              "the DSR; use its float version (edgeface.dequantize(model), or "
                              "edgeface.load(path, quantized=False))")
         self.supervisor = freeze(supervisor) if supervisor is not None else None
+        self.identity_scale = 1.0  # multiplies the identity-based weights (a warm-up ramps it from 0 to 1)
         self.vgg = VGGFeatures(perceptual_layers, vgg_weights) if self.weights["perceptual"] > 0 else None
 
     @property
@@ -205,7 +206,8 @@ class DSRLoss(nn.Module):
             terms.update(self._identity_terms(sr, hr, labels))
         if w["tv"] > 0:
             terms["tv"] = total_variation(sr.float())
-        total = sum(w[k] * v for k, v in terms.items())
+        scale = {k: self.identity_scale for k in ("identity", "cross_identity", "feature_match")}
+        total = sum(w[k] * scale.get(k, 1.0) * v for k, v in terms.items())
         logged = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
         return total, logged
 

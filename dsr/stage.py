@@ -1,11 +1,15 @@
-"""Stages `initial` (DSR from scratch) and `cyclic` (DSR continued with the fine-tuned EdgeFace).
+"""Stages `initial` (DSR from scratch), `cyclic` (DSR continued with the fine-tuned EdgeFace) and the
+ablation `pixel` (DSR from scratch, pixel loss only, no supervisor).
 
 The supervisor EdgeFace is frozen but differentiable: its weights never change, the
-identity and feature-match losses send gradients through it into the DSR.
+identity and feature-match losses send gradients through it into the DSR. Before training, its HR
+verification on the validation identities is checked against the `supervisor` floors
+(`eval.supervision`), and `identity_warmup` ramps the identity-based weights in from 0.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from omegaconf import DictConfig
 
 from cycle.config import to_plain
 from cycle.degrade import upsample
+from cycle.errors import ConfigError
 from cycle.health import HealthMonitor
 from cycle.models import freeze
 from cycle.runner import StageRun
@@ -22,6 +27,7 @@ from cycle.training import EMA
 from dsr.losses import DSRLoss
 from dsr.model import describe
 from eval.metrics import psnr, sampling_noise, ssim
+from eval.supervision import TAR_KEY, judge_supervisor, supervisor_quality
 from eval.validation import verification
 
 log = logging.getLogger(__name__)
@@ -35,25 +41,44 @@ def run_cyclic(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return DSRStage(cfg, out_dir, "cyclic").run()
 
 
+def run_pixel(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    return DSRStage(cfg, out_dir, "pixel").run()
+
+
+IDENTITY_TERMS = ("identity", "cross_identity", "feature_match")  # the terms that go through the supervisor
+
+
 class DSRStage(StageRun):
     """`initial`: a new DSR supervised by the pretrained EdgeFace. `cyclic`: the previous cycle's DSR,
-    supervised by this cycle's fine-tuned EdgeFace (inputs and names: `cycle.stages`)."""
+    supervised by this cycle's fine-tuned EdgeFace. `pixel`: a new DSR with no supervisor (inputs and
+    names: `cycle.stages`)."""
+    supervision: dict | None = None   # the supervisor check's record (manifest, report)
 
     def build(self) -> None:
         s, cfg = self.settings, self.cfg
+        self.reference, supervisor = None, None
         if self.spec.name == "cyclic":
             supervisor = self.load_input(1)
             model = self.load_input(0)
             self.reference = self.store.manifest(self.inputs[0]).get("metrics", {})
-        else:
+        elif self.inputs:
             supervisor = self.load_input(0)
             model = instantiate(cfg.dsr)
-            self.reference = None
+        else:
+            model = instantiate(cfg.dsr)
         self.model = model.to(self.device)
-        self.supervisor = freeze(supervisor)
+        self.supervisor = freeze(supervisor) if supervisor is not None else None
         log.info("%s", describe(self.model, self.res))
         self.loaders()
-        self.loss_fn = DSRLoss(self.supervisor, **to_plain(s.loss)).to(self.device)
+        loss = to_plain(s.loss)
+        if self.supervisor is None:  # no EdgeFace takes part: a weight that needs one is a config error
+            asked = {k: loss[k] for k in IDENTITY_TERMS if float(loss.get(k, 0)) > 0}
+            if asked:
+                raise ConfigError(f"stage {self.spec.name} has no supervisor EdgeFace, but stages.{self.spec.name}"
+                                  f".loss sets {asked}; set them to 0")
+        self.supervised = any(float(loss.get(k, 0)) > 0 for k in IDENTITY_TERMS)
+        self.warmup_steps = 0
+        self.loss_fn = DSRLoss(self.supervisor, **loss).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(s.lr), betas=tuple(s.betas),
                                            weight_decay=float(s.weight_decay))
         self.train_model = self.compiled(self.model)
@@ -61,6 +86,8 @@ class DSRStage(StageRun):
         self.select, self.mode = str(s.select), "max"
 
     def step(self, batch):
+        if self.warmup_steps:  # identity_warmup: the identity-based weights ramp from 0 (resumes by step)
+            self.loss_fn.identity_scale = min(1.0, (self.trainer.step + 1) / self.warmup_steps)
         lr_img = batch["lr"].to(self.device, non_blocking=True)
         hr = batch["hr"].to(self.device, non_blocking=True)
         sr = self.train_model(lr_img)
@@ -76,11 +103,32 @@ class DSRStage(StageRun):
         return out
 
     def fit(self) -> dict[str, float]:
+        if self.supervised:
+            self.check_supervisor()
+            warm = float(self.settings.get("identity_warmup") or 0.0)
+            self.warmup_steps = math.ceil(warm * int(self.settings.epochs) * len(self.train_loader))
         metrics = super().fit()
         noise = sampling_noise(int(self.cfg.trainer.val_pairs))  # differences below it are no regression
         for code, msg in HealthMonitor().check_stage(self.result.history, reference=self.reference, noise=noise):
             self.logger.warn(code, msg, self.trainer.step)
         return metrics
+
+    def check_supervisor(self) -> None:
+        """The supervisor's HR verification on the validation identities, against the `supervisor` floors:
+        logged, warned about when weak, and kept for the manifest."""
+        floors, t = self.cfg.supervisor, self.cfg.trainer
+        quality = supervisor_quality(self.supervisor, self.val_loader, self.device, num_pairs=int(t.val_pairs),
+                                     seed=int(self.cfg.seed), limit=t.get("limit_val_batches"))
+        self.supervision = judge_supervisor(quality, min_auc=float(floors.min_auc), min_tar=float(floors.min_tar),
+                                            stage=self.spec.name)
+        self.logger.log({"supervisor/auc": quality["auc"], f"supervisor/{TAR_KEY}": quality[TAR_KEY]}, 0)
+        if self.supervision["weak"]:
+            self.logger.warn("weak_supervisor", f"{self.label}: {self.supervision['verdict']}", 0)
+        else:
+            log.info("%s: %s", self.label, self.supervision["verdict"])
+
+    def manifest_extra(self) -> dict:
+        return {"supervisor": self.supervision} if self.supervision else {}
 
     def payload(self) -> dict:
         return {"format": "dsr", "res": self.res, "model": self.model.state_dict(), "arch": to_plain(self.cfg.dsr)}
@@ -104,16 +152,20 @@ def evaluate_dsr(model, supervisor, loss_fn, loader, device, *, num_pairs: int, 
         bic.append(psnr(upsample(lr_img).cpu(), hr.cpu()))
         loss, _ = loss_fn(sr, hr, batch["label"].to(device))
         losses.append(float(loss) * len(hr))
+        labels.append(batch["label"])
+        if supervisor is None:
+            continue
         a, b = supervisor(sr).float(), supervisor(hr).float()
         cos.append(torch.nn.functional.cosine_similarity(a, b).cpu())
         e_sr.append(a.cpu())
         e_hr.append(b.cpu())
-        labels.append(batch["label"])
     model.train(was_training)
     n = sum(len(x) for x in psnrs)
     out = {"val/psnr": float(np.mean(np.concatenate(psnrs))), "val/ssim": float(np.mean(np.concatenate(ssims))),
-           "val/psnr_bicubic": float(np.mean(np.concatenate(bic))),
-           "val/identity_cos": float(torch.cat(cos).mean()), "val/loss": sum(losses) / max(1, n)}
+           "val/psnr_bicubic": float(np.mean(np.concatenate(bic))), "val/loss": sum(losses) / max(1, n)}
+    if supervisor is None:  # the pixel ablation: no EdgeFace to verify with
+        return out
+    out["val/identity_cos"] = float(torch.cat(cos).mean())
     ver = verification(torch.cat(e_sr), torch.cat(labels).numpy(), num_pairs, seed, emb_b=torch.cat(e_hr))
     out.update({f"val/{k}": v for k, v in ver.items()})
     return out

@@ -7,6 +7,7 @@ Each method is an image source (the probe image) and an EdgeFace, read from the 
     hr          HR face                  + pretrained EdgeFace   (upper bound; no PSNR/SSIM)
     bicubic     bicubic(VLR)             + pretrained EdgeFace
     initial     DSR(dsr_initial)(VLR)    + pretrained EdgeFace
+    pixel       DSR(dsr_pixel)(VLR)      + pretrained EdgeFace   (ablation: cycle.ablations=[pixel])
     initial_ft  DSR(dsr_initial)(VLR)    + EdgeFace edgeface_ft
     cyclic      DSR(dsr_cyclic)(VLR)     + EdgeFace edgeface_ft
     cyclic2     DSR(dsr_cyclic2)(VLR)    + EdgeFace edgeface_ft2
@@ -19,7 +20,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cycle.artifacts import ArtifactStore
-from cycle.stages import METHODS, PRETRAINED_EDGEFACE, STAGE, Method, producer
+from cycle.stages import METHODS, PRETRAINED_EDGEFACE, STAGE, Method, ablations, producer
 
 __all__ = ["Method", "METHODS", "PRETRAINED", "default_methods", "method_cycle"]
 
@@ -28,14 +29,17 @@ PRETRAINED = PRETRAINED_EDGEFACE
 
 def default_methods(cfg: DictConfig, store: ArtifactStore) -> list[Method]:
     """Methods of the cycles this configuration runs: 2nd-cycle rows only with cycle.cycles >= 2, or with
-    `auto` when the cycle-1 DSR's manifest records the decision to run a 2nd cycle."""
+    `auto` when the cycle-1 DSR's manifest records the decision to run a 2nd cycle; an ablation's row only
+    when `cycle.ablations` names it."""
     cycles = cfg.cycle.cycles
     if str(cycles) == "auto":
         decision = store.manifest(STAGE["cyclic"].artifact(1)).get("auto_second_cycle") or {}
         n = 2 if decision.get("second_cycle") else 1
     else:
         n = int(cycles)
-    return [m for m in METHODS if method_cycle(m) <= n]
+    wanted = set(ablations(cfg))
+    return [m for m in METHODS if method_cycle(m) <= n
+            and all(not producer(a)[0].ablation or producer(a)[0].name in wanted for a in (m.dsr, m.edgeface) if a)]
 
 
 def method_cycle(m: Method) -> int:

@@ -10,8 +10,8 @@ import math
 
 from eval.methods import METHODS
 
-__all__ = ["ACROSS", "COLUMNS", "COMPARISONS", "REGRESSION_METRICS", "regressions", "within_noise",
-           "render_markdown"]
+__all__ = ["ACROSS", "COLUMNS", "COMPARISONS", "COMPARED_METRICS", "REGRESSION_METRICS", "regressions",
+           "within_noise", "identity_supervision", "render_markdown"]
 
 # Table columns: (metric, header, format, +1 higher is better / -1 lower is better / 0 not ranked).
 COLUMNS = (
@@ -28,8 +28,15 @@ COLUMNS = (
 JUDGE_KEYS = ("auc", "tar@far=1e-2", "rank1")  # what the judge columns take from its scoring
 # Later stage vs the earlier one it should beat; a stage that loses is stated plainly in the report.
 COMPARISONS = (("initial", "bicubic"), ("initial_ft", "initial"), ("cyclic", "initial"),
-               ("cyclic", "initial_ft"), ("cyclic2", "cyclic"))
+               ("cyclic", "initial_ft"), ("cyclic2", "cyclic"), ("initial", "pixel"), ("cyclic", "pixel"))
 REGRESSION_METRICS = ("auc", "eer", "tar@far=1e-2", "accuracy", "rank1", "psnr", "ssim", "psnr_y", "ssim_y")
+# Paired differences kept in results.json's comparisons: the regression metrics and the judge's columns.
+COMPARED_METRICS = REGRESSION_METRICS + tuple(f"judge_{k}" for k in JUDGE_KEYS)
+# The ablation `pixel` (cycle.ablations=[pixel]): identity-supervised DSRs against it, on these columns. The
+# judge's columns decide when present: the EdgeFace columns score a DSR with the EdgeFace that supervised it.
+ABLATION = "pixel"
+SUPERVISED = ("initial", "cyclic")
+SUPERVISION_METRICS = ("psnr", "auc", "judge_auc", "judge_rank1")
 CI = "_ci95"
 # The cross-resolution table and figure (several resolutions in one report): these metrics per method.
 ACROSS = ("psnr", "auc", "tar@far=1e-2", "rank1")
@@ -91,6 +98,51 @@ def within_noise(table: dict[str, dict], comparisons: dict) -> list[str]:
         if d is not None and d["verdict"] == "within noise":
             out.append(f"{later} vs {earlier} on {header}: {format(a, fmt)} vs {format(b, fmt)}, within noise "
                        f"({_difference(d, fmt)})")
+    return out
+
+
+def identity_supervision(table: dict[str, dict], comparisons: dict | None) -> list[str]:
+    """Plain statements: did identity supervision (initial, cyclic) beat the pixel-only DSR, inside or outside
+    the paired 95 % interval? Empty without the `pixel` row."""
+    if ABLATION not in table:
+        return []
+    spec = {c[0]: c for c in COLUMNS}
+    out = []
+    for method in (m for m in SUPERVISED if m in table):
+        diffs = (comparisons or {}).get(f"{method} vs {ABLATION}") or {}
+        shown = [k for k in SUPERVISION_METRICS if isinstance(table[method].get(k), float)
+                 and isinstance(table[ABLATION].get(k), float)]
+        if not shown:
+            continue
+        decide = next((k for k in ("judge_auc", "auc") if k in shown), shown[0])
+        parts = []
+        for k in shown:
+            _, header, fmt, sign = spec[k]
+            a, b = table[method][k], table[ABLATION][k]
+            d = diffs.get(k)
+            if d is None:
+                word = "no interval"
+            elif d["verdict"] == "within noise":
+                word = f"inside the interval, {_difference(d)}"
+            else:
+                word = f"{'better' if d['verdict'] == 'better' else 'worse'}, outside the interval, {_difference(d)}"
+            parts.append(f"{header} {format(a, fmt)} vs {format(b, fmt)} ({word})")
+        d = diffs.get(decide)
+        header = spec[decide][1]
+        if d is None:
+            a, b = table[method][decide], table[ABLATION][decide]
+            verdict = (f"{'beat' if spec[decide][3] * (a - b) > 0 else 'did not beat'} pixel-only on {header} "
+                       "(point estimates; no intervals)")
+        elif d["verdict"] == "better":
+            verdict = f"beat pixel-only on {header}, outside the interval"
+        elif d["verdict"] == "worse":
+            verdict = f"LOST to pixel-only on {header}, outside the interval: identity supervision hurt here"
+        else:
+            verdict = f"did not beat pixel-only on {header}: the difference is inside the interval"
+        out.append(f"Identity supervision ({method}) {verdict}. " + "; ".join(parts) + ".")
+    if out and not any("judge_auc" in table[m] for m in (ABLATION, *SUPERVISED) if m in table):
+        out.append("The EdgeFace columns score each DSR with the EdgeFace that supervised it, which favours the "
+                   "identity-supervised DSRs; an independent recogniser (eval.judge=dlib) does not.")
     return out
 
 
@@ -205,6 +257,14 @@ def render_markdown(results: dict) -> str:
                    else "no intervals: eval.bootstrap=0")
             lines += ["", f"Regressions ({why}):", ""]
             lines += [f"- {r}" for r in regs]
+        supervision = identity_supervision(table, comparisons)
+        if supervision:
+            lines += ["", "Does identity supervision help? (against the pixel-only ablation `pixel`)", ""]
+            lines += [f"- {r}" for r in supervision]
+        checks = _supervisor_checks(results, res)
+        if checks:
+            lines += ["", "Supervisor check (HR verification of the supervising EdgeFace on the validation "
+                      "identities, before each DSR stage trained):", ""] + [f"- {c}" for c in checks]
         noise = within_noise(table, comparisons) if comparisons else []
         if noise:
             lines += ["", "Worse but within noise (the interval of the difference includes zero):", ""]
@@ -222,6 +282,16 @@ def render_markdown(results: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _supervisor_checks(results: dict, res: str) -> list[str]:
+    """The supervisor check recorded in each evaluated DSR artifact's manifest (`eval.supervision`)."""
+    out = []
+    for artifact, manifest in ((results.get("artifacts") or {}).get(res) or {}).items():
+        check = (manifest or {}).get("supervisor") if isinstance(manifest, dict) else None
+        if check:
+            out.append(f"`{artifact}`: {'WEAK ' if check.get('weak') else ''}{check.get('verdict')}")
+    return out
 
 
 BIN_COLUMNS = ("accuracy", "auc", "eer", "tar@far=1e-3", "tar@far=1e-2", "psnr", "ssim")

@@ -55,9 +55,9 @@ from eval.render import (
     ACROSS,
     ACROSS_KEY,
     COLUMNS,
+    COMPARED_METRICS,
     COMPARISONS,
     JUDGE_KEYS,
-    REGRESSION_METRICS,
     regressions,
     render_markdown,
 )
@@ -87,7 +87,7 @@ def _comparisons(table: dict[str, dict], samples: dict[str, dict]) -> tuple[dict
     for later, earlier in COMPARISONS:
         if later in table and earlier in table:
             entry = {}
-            for metric in REGRESSION_METRICS:
+            for metric in COMPARED_METRICS:
                 if metric in samples[later] and metric in samples[earlier]:
                     d = paired_difference(samples[later][metric], samples[earlier][metric], table[later][metric],
                                           table[earlier][metric], signs[metric] > 0)
@@ -169,7 +169,7 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
                     f"({metrics['genuine_mean']:.3f} vs {metrics['impostor_mean']:.3f}): the embeddings may "
                     "have collapsed; check the fine-tuning (lower the LR or the margin, fewer epochs)")
         if ext.judge:  # the independent judge sees only the images: its own embeddings of probe and HR gallery
-            judged, _ = score_method(
+            judged, judge_curves = score_method(
                 ext.judge[m.source], ext.judge["hr"], proto.faces.labels, proto.idx_a, proto.idx_b, proto.is_same,
                 fold_ids=proto.fold, gallery_idx=proto.gallery, probe_idx=proto.probes,
                 pair_mode=str(ev.pair_mode), gallery=str(ev.gallery), folds=int(ev.folds),
@@ -178,6 +178,8 @@ def _evaluate_resolution(cfg: DictConfig, res: str, proto: Protocol, device, fig
                 for suffix in ("", CI_SUFFIX):
                     if k + suffix in judged:
                         metrics[f"judge_{k}{suffix}"] = judged[k + suffix]
+                if k in judge_curves.get("bootstrap", {}):  # paired differences on the judge's columns too
+                    samples[m.name][f"judge_{k}"] = judge_curves["bootstrap"][k]
         if m.name in leaks:
             metrics["overlap_identities"] = leaks[m.name]
         out["metrics"][m.name] = metrics
