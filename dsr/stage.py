@@ -77,7 +77,7 @@ class DSRStage(StageRun):
                 raise ConfigError(f"stage {self.spec.name} has no supervisor EdgeFace, but stages.{self.spec.name}"
                                   f".loss sets {asked}; set them to 0")
         self.supervised = any(float(loss.get(k, 0)) > 0 for k in IDENTITY_TERMS)
-        self.warmup_steps = 0
+        self.identity_warmup = 0.0
         self.loss_fn = DSRLoss(self.supervisor, **loss).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(s.lr), betas=tuple(s.betas),
                                            weight_decay=float(s.weight_decay))
@@ -86,12 +86,16 @@ class DSRStage(StageRun):
         self.select, self.mode = str(s.select), "max"
 
     def step(self, batch):
-        if self.warmup_steps:  # identity_warmup: the identity-based weights ramp from 0 (resumes by step)
-            self.loss_fn.identity_scale = min(1.0, (self.trainer.step + 1) / self.warmup_steps)
+        if self.identity_warmup:  # the identity-based weights ramp from 0 over that share of the stage's steps
+            ramp = max(1, math.ceil(self.identity_warmup * self.trainer.total_steps))
+            self.loss_fn.identity_scale = min(1.0, (self.trainer.step + 1) / ramp)  # by step: resumes exactly
         lr_img = batch["lr"].to(self.device, non_blocking=True)
         hr = batch["hr"].to(self.device, non_blocking=True)
         sr = self.train_model(lr_img)
-        return self.loss_fn(sr, hr, batch["label"].to(self.device))
+        loss, terms = self.loss_fn(sr, hr, batch["label"].to(self.device))
+        if self.identity_warmup:
+            terms["identity_scale"] = self.loss_fn.identity_scale
+        return loss, terms
 
     def validate(self, epoch: int) -> dict[str, float]:
         t = self.cfg.trainer
@@ -105,8 +109,7 @@ class DSRStage(StageRun):
     def fit(self) -> dict[str, float]:
         if self.supervised:
             self.check_supervisor()
-            warm = float(self.settings.get("identity_warmup") or 0.0)
-            self.warmup_steps = math.ceil(warm * int(self.settings.epochs) * len(self.train_loader))
+            self.identity_warmup = float(self.settings.get("identity_warmup") or 0.0)
         metrics = super().fit()
         noise = sampling_noise(int(self.cfg.trainer.val_pairs))  # differences below it are no regression
         for code, msg in HealthMonitor().check_stage(self.result.history, reference=self.reference, noise=noise):
