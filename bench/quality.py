@@ -33,7 +33,7 @@ RESOLUTIONS = tuple(int(r) for r in CONFIG_RESOLUTIONS)
 COLUMNS = (("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".4f"), ("auc", "AUC", ".4f"), ("eer", "EER", ".4f"),
            ("tar@far=1e-3", "TAR@FAR=1e-3", ".4f"), ("tar@far=1e-2", "TAR@FAR=1e-2", ".4f"),
            ("accuracy", "accuracy", ".4f"), ("rank1", "rank-1", ".4f"))
-METHOD_ORDER = ("hr", "bicubic", "initial", "initial_ft", "cyclic", "cyclic2")
+METHOD_ORDER = ("hr", "bicubic", "pixel", "initial", "initial_ft", "cyclic", "cyclic2")
 _RUN_DIR = re.compile(r"\[train\]\[INFO\] - stage=\S+ res=\S+ name=\S+ -> (.+?)\s*$", re.M)
 
 

@@ -44,7 +44,8 @@ EVAL_STEP = "eval"
 # What a plan shows of each stage's settings: label -> key path in the (merged) stage settings.
 _SHOWN = {
     "dsr": {"epochs": "epochs", "lr": "lr", "lambda_identity": "loss.identity",
-            "lambda_feature_match": "loss.feature_match", "lambda_pixel": "loss.pixel"},
+            "lambda_feature_match": "loss.feature_match", "lambda_pixel": "loss.pixel",
+            "identity_warmup": "identity_warmup"},
     "edgeface": {"epochs": "epochs", "phase1_epochs": "phase1_epochs", "phase2_epochs": "phase2_epochs",
                  "lr": "lr", "backbone_lr_mult": "backbone_lr_mult", "lambda_align": "lambda_align",
                  "head": "head", "select": "select"},
