@@ -15,15 +15,23 @@ CYCLIC = {"16": (55, 9e-5, 0.68, 0.22), "24": (50, 8.5e-5, 0.65, 0.20), "32": (5
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("res", ["16", "24", "32"])
 def test_every_stage_and_res_composes_and_resolves(stage, res, tmp_path):
-    cfg = compose_train([f"stage={stage}", f"res={res}"], tmp_path)
+    # with official weights: the method guide's values
+    cfg = compose_train([f"stage={stage}", f"res={res}", "edgeface.weights=/w/edgeface_xxs.pt"], tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.stage == stage and str(cfg.res) == res and int(cfg.res) == int(res)
     epochs, lr, lam_id, lam_fm = CYCLIC[res]
     c = cfg.stages.cyclic
     assert (c.epochs, c.lr, c.loss.identity, c.loss.feature_match) == (epochs, lr, lam_id, lam_fm)
     i = cfg.stages.initial
-    assert (i.epochs, i.lr, i.loss.identity, i.loss.feature_match) == (100, 1.5e-4, 0.50, 0.15)
+    assert (i.epochs, i.lr, i.loss.identity, i.loss.feature_match, i.identity_warmup) == (100, 1.5e-4, 0.50, 0.15, 0)
     assert (c.second_cycle.epochs, c.second_cycle.lr, c.second_cycle.loss.identity) == (30, 5e-5, 0.70)
+    # without: EdgeFace is pre-trained here, a weak supervisor, and the identity weights are low and ramped in
+    cfg = compose_train([f"stage={stage}", f"res={res}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    c, i = cfg.stages.cyclic, cfg.stages.initial
+    assert (c.epochs, c.lr, c.loss.identity, c.loss.feature_match) == (epochs, lr, 0.10, 0.03)
+    assert (i.epochs, i.lr, i.loss.identity, i.loss.feature_match, i.identity_warmup) == (100, 1.5e-4, 0.10, 0.03, 0.3)
+    assert (c.second_cycle.loss.identity, c.second_cycle.loss.feature_match) == (0.10, 0.03)
 
 
 @pytest.mark.parametrize("res", ["16", "24", "32"])

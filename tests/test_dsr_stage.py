@@ -66,7 +66,7 @@ def test_initial_then_cyclic_loads_exactly_and_keeps_initial(smoke_cfg, tmp_path
 
 def test_cyclic_uses_per_resolution_and_second_cycle_values(smoke_cfg):
     from cycle.stages import stage_settings
-    cfg = smoke_cfg("res=24")
+    cfg = smoke_cfg("res=24", "edgeface.weights=/w/edgeface_xxs.pt")  # the guide's values: official weights
     with open_dict(cfg):
         cfg.stages.cyclic.epochs = 50
     hp1 = stage_settings(cfg, "cyclic", 1)

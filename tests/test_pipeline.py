@@ -19,7 +19,8 @@ def test_plan_order_and_io(smoke_cfg):
                                           "edgeface_ft2", "cyclic2", "eval"]
     assert steps[4].inputs == ["dsr_cyclic", "edgeface_ft"] and steps[4].output == "edgeface_ft2"
     assert steps[5].inputs == ["dsr_cyclic", "edgeface_ft2"] and steps[5].output == "dsr_cyclic2"
-    assert steps[5].settings["lr"] == 5e-5 and steps[5].settings["lambda_identity"] == 0.70
+    # 2nd-cycle values; no official weights, so the identity weight for a supervisor pre-trained here
+    assert steps[5].settings["lr"] == 5e-5 and steps[5].settings["lambda_identity"] == 0.10
     with_weights = smoke_cfg("edgeface.weights=/some/edgeface_xxs.pt")
     assert plan(with_weights, 1)[0].stage == "initial"  # official weights: no pretraining
 
