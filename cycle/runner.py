@@ -11,7 +11,7 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
 
 `run()` does the rest in a fixed order: the range check of the stage's settings (2nd-cycle values merged)
 and the trainer's, `check()`, the run-directory lock (one writer; temp files of interrupted saves are
-removed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
+removed; checkpoints of another lineage are moved to history/, never resumed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
 command that builds it), `build()`, the logger (closed in a `finally`), `fit()`, publishing the artifact
 with its manifest and parents.
 
@@ -20,6 +20,7 @@ rank 0 alone logs, checkpoints and publishes, and the others wait for the publis
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from cycle.checkpoint import remove_orphaned_temps
 from cycle.config import to_plain
 from cycle.data import stage_loaders
 from cycle.errors import ConfigError
-from cycle.files import ensure_writable
+from cycle.files import HISTORY, ensure_writable, move_aside
 from cycle.health import HealthMonitor
 from cycle.lineage import digest
 from cycle.lock import RunLock
@@ -45,6 +46,7 @@ from cycle.stages import SECOND_CYCLE_KEY, stage_inputs, stage_settings, stage_s
 from cycle.training import EMA, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
+LINEAGE_STAMP = "lineage.json"  # in <run dir>/checkpoints: the key of the artifact these checkpoints train
 
 
 def stage_seed(seed: int, stage: str, cycle_index: int) -> int:
@@ -145,6 +147,20 @@ class StageRun:
         """Identity names this stage trained and selected on (recorded for the evaluation's overlap check)."""
         return {split: list(self.splits[split].identities) for split in ("train", "val") if split in self.splits}
 
+    def claim_checkpoints(self) -> None:
+        """Checkpoints in this run directory resume this lineage only. The same command can name another
+        lineage (a default changed in conf/, a parent retrained): then what is there belongs to other
+        settings, and is moved to history/ rather than resumed (or, if finished, published under this key)."""
+        ckpt, key = self.out_dir / "checkpoints", self.store.key(self.output)
+        stamp = ckpt / LINEAGE_STAMP
+        found = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+        if ckpt.is_dir() and found != key and any(ckpt.iterdir()):
+            log.warning("%s: the checkpoints in %s are of lineage %s, not %s (settings or inputs changed): "
+                        "starting over", self.label, ckpt, found or "unknown", key)
+            move_aside([ckpt], self.out_dir / HISTORY)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"artifact": self.output, "key": key}) + "\n")
+
     @property
     def parents(self) -> list[str]:
         return [name for name in self.inputs if name is not None]
@@ -157,9 +173,11 @@ class StageRun:
             self.device, self.dist = distributed.init(resolve_device(self.cfg.device))
             if self.dist.main:  # the files of the run: rank 0's
                 remove_orphaned_temps(self.out_dir / "checkpoints")
+                self.claim_checkpoints()
                 ensure_writable(self.store.dir, "artifact folder")  # not found out after training
                 # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
                 remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
+            distributed.barrier()  # no rank looks at the checkpoints before rank 0 has claimed them
             self.require_inputs()
             # Each stage draws from its own seed: a stage gives the same weights whether the stages before it
             # ran in this process, in another one, or were skipped (cycle.skip). A resumed run restores the RNG.

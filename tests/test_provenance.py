@@ -203,3 +203,23 @@ def test_skipped_stages_give_the_same_weights_as_an_uninterrupted_cycle(tmp_path
         sa = a.get("state_dict") or a["model"]
         sb = b.get("state_dict") or b["model"]
         assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa), name
+
+
+def test_checkpoints_of_another_lineage_in_the_same_run_directory_are_never_resumed(tmp_path, caplog):
+    """The same command can name another lineage (a default changed in conf/): a finished stage's
+    checkpoints in its run directory must then be set aside, not resumed and published under the new key."""
+    from dsr.stage import run_initial
+    from test_dsr_stage import publish_edgeface
+
+    first = _cfg(tmp_path, "stage=initial")
+    publish_edgeface(first, "edgeface_pretrained")
+    run_initial(first, tmp_path / "initial")
+    second = _cfg(tmp_path, "stage=initial", "stages.initial.loss.identity=0.2")  # same run directory
+    with caplog.at_level(logging.WARNING):
+        run_initial(second, tmp_path / "initial")
+    assert "starting over" in caplog.text and list((tmp_path / "initial" / "history").iterdir())
+    a = load_checkpoint(ArtifactStore.for_config(first).path("dsr_initial"))["model"]
+    b = load_checkpoint(ArtifactStore.for_config(second).path("dsr_initial"))["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained anew, not the first lineage's weights
+    stamp = json.loads((tmp_path / "initial" / "checkpoints" / "lineage.json").read_text())
+    assert stamp["key"] == ArtifactStore.for_config(second).key("dsr_initial")
