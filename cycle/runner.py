@@ -173,10 +173,10 @@ class StageRun:
             self.device, self.dist = distributed.init(resolve_device(self.cfg.device))
             if self.dist.main:  # the files of the run: rank 0's
                 remove_orphaned_temps(self.out_dir / "checkpoints")
-                self.claim_checkpoints()
                 ensure_writable(self.store.dir, "artifact folder")  # not found out after training
                 # the artifact folder is shared: a temp file of this artifact an hour old is no live save's
                 remove_orphaned_temps(self.store.dir, self.store.path(self.output).name, older_than_s=3600)
+                self.claim_checkpoints()
             distributed.barrier()  # no rank looks at the checkpoints before rank 0 has claimed them
             self.require_inputs()
             # Each stage draws from its own seed: a stage gives the same weights whether the stages before it
