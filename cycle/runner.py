@@ -11,9 +11,9 @@ A stage subclasses `StageRun` and overrides only what is its own (the shape of B
 
 `run()` does the rest in a fixed order: the range check of the stage's settings (2nd-cycle values merged)
 and the trainer's, `check()`, the run-directory lock (one writer; temp files of interrupted saves are
-removed; checkpoints of another lineage are moved to history/, never resumed), a write probe of the artifact folder, device, its input artifacts (a missing one names the
-command that builds it), `build()`, the logger (closed in a `finally`), `fit()`, publishing the artifact
-with its manifest and parents.
+removed; checkpoints of another lineage are moved to history/, never resumed), a write probe of the artifact
+folder, device, its input artifacts (a missing one names the command that builds it), `build()`, the logger
+(closed in a `finally`), `fit()`, publishing the artifact with its manifest and parents.
 
 In a data-parallel job (`cycle.distributed`) every rank runs all of this on its shard of the training data;
 rank 0 alone logs, checkpoints and publishes, and the others wait for the published artifact.

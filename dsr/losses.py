@@ -26,6 +26,7 @@ from torch import nn
 from cycle.models import freeze
 
 TERMS = ("pixel", "perceptual", "identity", "cross_identity", "feature_match", "tv")
+SUPERVISED_TERMS = ("identity", "cross_identity", "feature_match")  # the terms that go through the supervisor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's vgg19 layout: name -> index in `features`.
@@ -164,7 +165,7 @@ class DSRLoss(nn.Module):
         self.pixel_type, self.charbonnier_eps = pixel_type, float(charbonnier_eps)
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError("every loss weight is 0: nothing to train on")
-        needs_e = [k for k in ("identity", "cross_identity", "feature_match") if self.weights[k] > 0]
+        needs_e = [k for k in SUPERVISED_TERMS if self.weights[k] > 0]
         if needs_e and supervisor is None:
             raise ValueError(f"loss terms {needs_e} need an identity supervisor (EdgeFace); none was given")
         if supervisor is not None and _is_quantized(supervisor):
@@ -174,7 +175,7 @@ class DSRLoss(nn.Module):
                              "the DSR; use its float version (edgeface.dequantize(model), or "
                              "edgeface.load(path, quantized=False))")
         self.supervisor = freeze(supervisor) if supervisor is not None else None
-        self.identity_scale = 1.0  # multiplies the identity-based weights (a warm-up ramps it from 0 to 1)
+        self.identity_scale = 1.0  # multiplies the SUPERVISED_TERMS' weights (a warm-up ramps it from 0 to 1)
         self.vgg = VGGFeatures(perceptual_layers, vgg_weights) if self.weights["perceptual"] > 0 else None
 
     @property
@@ -202,12 +203,11 @@ class DSRLoss(nn.Module):
             with torch.no_grad():
                 hr_vgg = self.vgg(hr)
             terms["perceptual"] = sum(F.l1_loss(a, b) for a, b in zip(self.vgg(sr), hr_vgg)) / len(hr_vgg)
-        if w["identity"] > 0 or w["cross_identity"] > 0 or w["feature_match"] > 0:
+        if any(w[k] > 0 for k in SUPERVISED_TERMS):
             terms.update(self._identity_terms(sr, hr, labels))
         if w["tv"] > 0:
             terms["tv"] = total_variation(sr.float())
-        scale = {k: self.identity_scale for k in ("identity", "cross_identity", "feature_match")}
-        total = sum(w[k] * scale.get(k, 1.0) * v for k, v in terms.items())
+        total = sum(w[k] * (self.identity_scale if k in SUPERVISED_TERMS else 1.0) * v for k, v in terms.items())
         logged = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
         return total, logged
 

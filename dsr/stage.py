@@ -24,7 +24,7 @@ from cycle.health import HealthMonitor
 from cycle.models import freeze
 from cycle.runner import StageRun
 from cycle.training import EMA
-from dsr.losses import DSRLoss
+from dsr.losses import SUPERVISED_TERMS, DSRLoss
 from dsr.model import describe
 from eval.metrics import psnr, sampling_noise, ssim
 from eval.supervision import TAR_KEY, judge_supervisor, supervisor_quality
@@ -45,9 +45,6 @@ def run_pixel(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return DSRStage(cfg, out_dir, "pixel").run()
 
 
-IDENTITY_TERMS = ("identity", "cross_identity", "feature_match")  # the terms that go through the supervisor
-
-
 class DSRStage(StageRun):
     """`initial`: a new DSR supervised by the pretrained EdgeFace. `cyclic`: the previous cycle's DSR,
     supervised by this cycle's fine-tuned EdgeFace. `pixel`: a new DSR with no supervisor (inputs and
@@ -61,10 +58,8 @@ class DSRStage(StageRun):
             supervisor = self.load_input(1)
             model = self.load_input(0)
             self.reference = self.store.manifest(self.inputs[0]).get("metrics", {})
-        elif self.inputs:
-            supervisor = self.load_input(0)
-            model = instantiate(cfg.dsr)
-        else:
+        else:  # initial, pixel: a new DSR; pixel has no input, no supervisor
+            supervisor = self.load_input(0) if self.inputs else None
             model = instantiate(cfg.dsr)
         self.model = model.to(self.device)
         self.supervisor = freeze(supervisor) if supervisor is not None else None
@@ -72,11 +67,11 @@ class DSRStage(StageRun):
         self.loaders()
         loss = to_plain(s.loss)
         if self.supervisor is None:  # no EdgeFace takes part: a weight that needs one is a config error
-            asked = {k: loss[k] for k in IDENTITY_TERMS if float(loss.get(k, 0)) > 0}
+            asked = {k: loss[k] for k in SUPERVISED_TERMS if float(loss.get(k, 0)) > 0}
             if asked:
                 raise ConfigError(f"stage {self.spec.name} has no supervisor EdgeFace, but stages.{self.spec.name}"
                                   f".loss sets {asked}; set them to 0")
-        self.supervised = any(float(loss.get(k, 0)) > 0 for k in IDENTITY_TERMS)
+        self.supervised = any(float(loss.get(k, 0)) > 0 for k in SUPERVISED_TERMS)
         self.identity_warmup = 0.0
         self.loss_fn = DSRLoss(self.supervisor, **loss).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(s.lr), betas=tuple(s.betas),
