@@ -85,18 +85,11 @@ class TrainSchema:
 
 
 def register() -> None:
-    """Make `train_schema` and the `run_subdir` and `if_official_weights` resolvers available to Hydra
-    (idempotent)."""
+    """Make `train_schema` and the `run_subdir` resolver available to Hydra (idempotent). The stage
+    settings' resolver, `if_official_weights`, registers with `cycle.stages`, which every process that
+    resolves them imports (a spawned data-parallel worker too)."""
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
     OmegaConf.register_new_resolver("run_subdir", run_subdir, replace=True)
-    OmegaConf.register_new_resolver("if_official_weights", if_official_weights, replace=True)
-
-
-def if_official_weights(official, scratch, *, _root_):
-    """`${if_official_weights:a,b}`: `a` when the supervisor starts from official EdgeFace weights
-    (`edgeface.weights` set), else `b`: for the settings whose best value depends on how good the
-    supervisor is (the identity loss weights; README "Identity supervision")."""
-    return official if _root_.edgeface.get("weights") else scratch
 
 
 def run_subdir(overrides: str, *, _root_) -> str:

@@ -97,6 +97,17 @@ def uses_official_weights(cfg: DictConfig) -> bool:
     return bool(cfg.edgeface.get("weights"))
 
 
+def if_official_weights(official, scratch, *, _root_):
+    """`${if_official_weights:a,b}` in a stage's settings: `a` when the supervisor starts from official
+    EdgeFace weights (`edgeface.weights` set), else `b`: for the settings whose best value depends on how
+    good the supervisor is (the identity loss weights; README "Identity supervision")."""
+    return official if _root_.edgeface.get("weights") else scratch
+
+
+# Registered on import: this module is imported wherever stage settings are resolved, in every process.
+OmegaConf.register_new_resolver("if_official_weights", if_official_weights, replace=True)
+
+
 def ablations(cfg: DictConfig) -> list[str]:
     """The ablation stages `cycle.ablations` asks for; an unknown name lists the ablations there are."""
     names = [str(a) for a in (cfg.cycle.get("ablations") or [])]

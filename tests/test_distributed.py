@@ -1,6 +1,7 @@
 """Data-parallel training on the CPU (gloo, 2 processes of 1 thread): ranks, sharding, gradients, resume."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from cycle import distributed
 from cycle.artifacts import ArtifactStore
 from cycle.data.samplers import EpochSampler, PKBatchSampler
 from cycle.logger import read_metrics
+from cycle.runner import LINEAGE_STAMP
 from cycle.training import Trainer
 
 
@@ -132,9 +134,13 @@ def test_initial_publishes_and_resumes_across_world_sizes(smoke_cfg, tmp_path, f
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[0]["meta"] == {"world_size": first}
     assert [r["step"] for r in rows if "lr" in r] == [1, 2]  # rank 0 alone wrote metrics
-    # a longer schedule in the same run directory resumes from last.pt (step 2) in the other world size
+    # resumed from last.pt (step 2) in the other world size: the finished run stands in for an interrupted
+    # run of a 2-epoch schedule (checkpoints resume only their own lineage: stamp them as that one's)
     (run_dir / "checkpoints" / "initial.done.pt").unlink()
     cfg2 = _stage_cfg(smoke_cfg, tmp_path, epochs=2)
+    stamp = run_dir / "checkpoints" / LINEAGE_STAMP
+    key = ArtifactStore.for_config(cfg2).key("dsr_initial")
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "key": key}))
     _run(then, cfg2, run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "lr" in r] == [1, 2, 3, 4]
