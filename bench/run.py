@@ -70,7 +70,7 @@ class TrainStep:
 def _optimizer_step(loss_fn: Callable[[], torch.Tensor], opt, params, device, dtype, clip: float,
                     ema=None) -> Callable[[], None]:
     """What cycle.training.Trainer does per step: autocast forward, (scaled) backward, clip, step, EMA."""
-    from cycle.training import autocast
+    from cycle.device import autocast
 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -451,7 +451,7 @@ def _same_step(cfg) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cycle.training import amp_dtype, resolve_device
+    from cycle.device import amp_dtype, resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], prog="python -m bench.run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (tests)")

@@ -43,7 +43,8 @@ from cycle.logger import MetricsLogger, build_logger
 from cycle.runtime import seed_everything
 from cycle.settings import check_stage
 from cycle.stages import SECOND_CYCLE_KEY, stage_inputs, stage_settings, stage_spec
-from cycle.training import EMA, Trainer, resolve_device
+from cycle.device import resolve_device
+from cycle.training import EMA, Trainer
 
 log = logging.getLogger(__name__)
 LINEAGE_STAMP = "lineage.json"  # in <run dir>/checkpoints: the key of the artifact these checkpoints train

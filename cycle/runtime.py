@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from cycle import distributed
 from cycle.errors import OutputError, exit_on
 from cycle.files import ensure_writable
-from cycle.training import resolve_device
+from cycle.device import resolve_device
 
 log = logging.getLogger(__name__)
 

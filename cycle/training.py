@@ -1,6 +1,6 @@
 """The one training loop every stage uses.
 
-It owns what stages share: device and AMP, gradient accumulation and clipping, a
+It owns what stages share: AMP (`cycle.device`), gradient accumulation and clipping, a
 per-optimizer-step LR schedule with warm-up, EMA, periodic atomic checkpoints and
 auto-resume from `<run dir>/checkpoints/last.pt`, a NaN guard that keeps the last
 good checkpoint, preemption (save, then hand the signal to submitit to requeue),
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from cycle import distributed
 from cycle.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from cycle.errors import ConfigError, Diverged
+from cycle.device import amp_dtype, autocast
+from cycle.errors import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -40,45 +41,6 @@ RESUME_HINT = ("Re-run with resume=false to start this stage over (the run direc
 
 class NonFiniteLoss(Diverged):
     """A non-finite loss, gradient norm or weight: the step is not applied and nothing is saved."""
-
-
-# ---------------------------------------------------------------- device / AMP
-def resolve_device(spec: str = "auto") -> torch.device:
-    spec = str(spec)
-    if spec == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device=auto resolved to %s", dev)
-        return dev
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec} was requested but CUDA is not available on this machine "
-                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}). "
-                          "Use device=cpu or device=auto, or install a CUDA build of torch.")
-    try:
-        return torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-
-
-def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """bf16 where supported, fp16 otherwise on CUDA; off on CPU unless forced."""
-    amp = str(amp)
-    if amp in ("off", "false", "False", "none", "None"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if amp != "auto":
-        raise ValueError(f"trainer.amp must be auto|bf16|fp16|off, got {amp}")
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- EMA

@@ -41,7 +41,7 @@ from cycle.config import check_res, to_plain
 from cycle.degrade import DEFAULTS as DEGRADATION_DEFAULTS
 from cycle.degrade import DOWN_KERNELS, UPSAMPLE_KERNEL
 from cycle.files import HISTORY, move_aside
-from cycle.training import resolve_device
+from cycle.device import resolve_device
 from eval import figures
 from eval.bins import bin_protocol, load_bin
 from eval.bootstrap import CI_SUFFIX, identity_resamples, interval, paired_difference, weighted_means, weights_for

@@ -32,7 +32,8 @@ from cycle.data.splits import require_pairs
 from cycle.errors import CheckpointError, ConfigError, Diverged, OutputError, RunLocked, UserError
 from cycle.lock import LOCK_NAME, STALE_S, RunLock
 from cycle.pipeline import run as run_cycle
-from cycle.training import EMA, NonFiniteLoss, Trainer, resolve_device
+from cycle.device import resolve_device
+from cycle.training import EMA, NonFiniteLoss, Trainer
 from eval.pairs_file import PairsFileError, read_lfw_pairs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,8 @@ from torch import nn
 from cycle.checkpoint import load_checkpoint
 from cycle.errors import ConfigError
 from cycle.health import HealthMonitor
-from cycle.training import EMA, NonFiniteLoss, Trainer, resolve_device, warmup_cosine
+from cycle.device import resolve_device
+from cycle.training import EMA, NonFiniteLoss, Trainer, warmup_cosine
 
 
 class NullLogger:
