@@ -20,7 +20,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cycle.artifacts import ArtifactStore
-from cycle.stages import METHODS, PRETRAINED_EDGEFACE, STAGE, Method, ablations, producer
+from cycle.stages import METHODS, PRETRAINED_EDGEFACE, STAGE, Method, in_cycle, producer
 
 __all__ = ["Method", "METHODS", "PRETRAINED", "default_methods", "method_cycle"]
 
@@ -37,9 +37,8 @@ def default_methods(cfg: DictConfig, store: ArtifactStore) -> list[Method]:
         n = 2 if decision.get("second_cycle") else 1
     else:
         n = int(cycles)
-    wanted = set(ablations(cfg))
     return [m for m in METHODS if method_cycle(m) <= n
-            and all(not producer(a)[0].ablation or producer(a)[0].name in wanted for a in (m.dsr, m.edgeface) if a)]
+            and all(in_cycle(cfg, producer(a)[0]) for a in (m.dsr, m.edgeface) if a)]
 
 
 def method_cycle(m: Method) -> int:
